@@ -1,0 +1,402 @@
+"""Typed recipes: the YAML a user writes, validated before any work starts.
+
+Every field has a one-line doc (``Field(description=...)``); unknown keys are errors, never
+ignored. ``load_recipe(path, overrides)`` reads the YAML, applies ``--set a.b.c=value`` overrides
+(values parsed as YAML, so ``--set train.steps=3`` is an int), validates, and raises
+``RecipeError`` whose message names the file, the key path (and its line), what was expected and,
+for a misspelled key, the closest valid one.
+"""
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are rejected, values are not coerced silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------------------------
+# models
+class LoraConfig(Section):
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the head.")
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        ..., description="Preset name (see `rlhf-engine presets`), local HF folder, hub id, or a .gguf file.")
+    gguf_file: Optional[str] = Field(None, description="GGUF file name inside name_or_path (a folder or hub id).")
+    tokenizer: Optional[str] = Field(None, description="Tokenizer source if it differs from the model.")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Precision = Field("fp32", description="Weight dtype the model is loaded in.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; flash_attention_2 needs CUDA and the flash-attn package.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it).")
+    lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters instead of all weights.")
+
+
+class CriticConfig(Section):
+    init_from: str = Field(
+        "actor", description="'actor' (actor backbone), 'reward' (the reward model), or a model path/preset.")
+    dtype: Optional[Precision] = Field(None, description="Weight dtype; defaults to the actor's.")
+    lr: Optional[float] = Field(None, gt=0, description="Critic learning rate; defaults to optim.lr.")
+    gradient_checkpointing: Optional[bool] = Field(None, description="Defaults to the actor's setting.")
+
+
+class RewardConfig(Section):
+    type: Literal["model", "callable", "sentiment", "length"] = Field(
+        ..., description="Learned reward model, a Python callable, or a built-in judge.")
+    model: Optional[ModelConfig] = Field(None, description="Reward model (type: model): backbone + scalar head.")
+    function: Optional[str] = Field(
+        None, description="'module:function' (type: callable) taking (prompts, responses) -> list of floats.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the reward.")
+    scale: float = Field(1.0, description="Multiply every score by this.")
+
+    @model_validator(mode="after")
+    def _needs_source(self):
+        if self.type == "model" and self.model is None:
+            raise ValueError("reward.type 'model' needs reward.model (name_or_path: ...)")
+        if self.type == "callable" and not (self.function and ":" in self.function):
+            raise ValueError("reward.type 'callable' needs reward.function as 'module:function'")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# data
+class DatasetConfig(Section):
+    path: str = Field(..., description="JSONL/JSON/CSV/parquet file (relative to the recipe) or a `datasets` name.")
+    subset: Optional[str] = Field(None, description="`datasets` configuration name.")
+    split: str = Field("train", description="`datasets` split to read.")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map our field names (prompt, response, chosen, rejected, messages, margin) to columns.")
+    chat_template: bool = Field(True, description="Apply the tokenizer's chat template to plain-text prompts.")
+    system_prompt: Optional[str] = Field(None, description="System message added before chat prompts.")
+    max_prompt_length: int = Field(256, gt=0, description="Prompt token budget.")
+    max_length: int = Field(512, gt=0, description="Prompt + response token budget (SFT, reward).")
+    overflow: Literal["drop", "truncate"] = Field("drop", description="Too-long rows: drop them or truncate.")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of rows held out for evaluation.")
+    eval_size: Optional[int] = Field(None, ge=0, description="Rows held out for evaluation (overrides fraction).")
+    limit: Optional[int] = Field(None, gt=0, description="Use only the first N rows (after shuffling).")
+    shuffle: bool = Field(True, description="Shuffle rows with the recipe seed before splitting.")
+
+
+# --------------------------------------------------------------------------------------------
+# distributed / optimisation
+class DeepSpeedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage for trained models.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO 1-3).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3).")
+    precision: Precision = Field("fp32", description="Training precision (bf16/fp16 keep fp32 master weights).")
+    frozen_zero_stage: Optional[Literal[0, 3]] = Field(
+        None, description="Reference/reward models: 3 = partitioned, 0 = replicated; default follows zero_stage.")
+    gradient_clipping: float = Field(1.0, ge=0.0, description="Clip the global grad norm (0 = off).")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Raw keys merged into the DeepSpeed config.")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs zero_stage: 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate (actor / trained model).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
+
+
+class TrainConfig(Section):
+    steps: int = Field(..., gt=0, description="RL steps (one rollout + update each) or supervised optimizer steps.")
+    rollout_batch_size: int = Field(8, gt=0, description="Prompts per RL step, all ranks together.")
+    mini_batch_size: int = Field(8, gt=0, description="Sequences per optimizer step, all ranks together.")
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass on one rank.")
+    generation_batch_size: Optional[int] = Field(None, gt=0, description="Prompts per generate() call on one rank.")
+    epochs: int = Field(1, gt=0, description="Passes over the data (supervised) / cap for RL prompt passes.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
+    eval_size: int = Field(16, ge=0, description="Held-out prompts scored at each evaluation.")
+
+
+class GenerationSection(Section):
+    max_new_tokens: int = Field(64, gt=0, description="Longest response, in tokens.")
+    min_new_tokens: int = Field(0, ge=0, description="EOS is blocked before this many tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (also used for log-probs).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
+    do_sample: bool = Field(True, description="Sample (true) or greedy (false).")
+    stop_strings: list[str] = Field(default_factory=list, description="Stop a response at any of these strings.")
+
+
+class PPOConfig(Section):
+    """The clipped policy-gradient loop; `algorithm` picks the advantage estimator (GAE or a baseline)."""
+
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce++"] = Field("ppo", description="Advantage estimator.")
+    group_size: int = Field(1, gt=0, description="Responses sampled per prompt (GRPO/RLOO need >= 2).")
+    ppo_epochs: int = Field(1, gt=0, description="Passes over each rollout batch.")
+    kl_coef: float = Field(0.05, ge=0, description="Initial beta of the per-token KL penalty.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="KL estimator used in the penalty.")
+    kl_controller: Literal["fixed", "adaptive"] = Field("fixed", description="Keep beta fixed or adapt it.")
+    target_kl: float = Field(6.0, gt=0, description="Adaptive controller: target sequence KL.")
+    kl_horizon: int = Field(10000, gt=0, description="Adaptive controller: horizon in samples.")
+    cliprange: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip epsilon.")
+    vf_coef: float = Field(0.1, ge=0, description="Value loss weight.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten_advantages: bool = Field(True, description="Normalise advantages over the batch.")
+    normalize_rewards: bool = Field(False, description="Scale scores by a running std.")
+    score_clip: Optional[float] = Field(None, gt=0, description="Clip sequence scores to [-c, c].")
+    missing_eos_penalty: Optional[float] = Field(None, description="Added to the score of responses with no EOS.")
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="Keep an EMA copy of the actor.")
+    ptx_coef: float = Field(0.0, ge=0, description="Weight of the pretraining (SFT) loss mixed into updates.")
+
+    @model_validator(mode="after")
+    def _groups(self):
+        if self.algorithm in ("grpo", "rloo") and self.group_size < 2:
+            raise ValueError(f"ppo.algorithm '{self.algorithm}' needs ppo.group_size >= 2")
+        return self
+
+
+class HybridConfig(Section):
+    enabled: bool = Field(True, description="Gather the ZeRO-3 actor and detach hooks while generating.")
+    layers_per_group: Optional[int] = Field(
+        None, gt=0, description="Gather this many layers at a time to bound memory (default: whole model).")
+
+
+class WandbConfig(Section):
+    project: str = Field("rlhf-engine", description="wandb project.")
+    mode: Literal["online", "offline", "disabled"] = Field("offline", description="offline needs no key.")
+
+
+class LoggingConfig(Section):
+    log_every: int = Field(1, gt=0, description="Write metrics.jsonl every N steps.")
+    samples_every: int = Field(1, gt=0, description="Write samples.jsonl every N steps.")
+    num_samples: int = Field(4, ge=0, description="Samples written each time.")
+    progress: bool = Field(True, description="Show progress bars.")
+    plots: bool = Field(True, description="Write plots/*.png at the end.")
+    wandb: Optional[WandbConfig] = Field(None, description="Log to Weights & Biases too.")
+
+
+class CheckpointConfig(Section):
+    save_every: int = Field(0, ge=0, description="Save every N steps (0 = only at the end).")
+    keep_last: int = Field(2, gt=0, description="Keep the newest K checkpoints.")
+    save_final: bool = Field(True, description="Save when training ends.")
+
+
+# --------------------------------------------------------------------------------------------
+class Recipe(Section):
+    """A whole run. Sections a stage does not use must be omitted or left default."""
+
+    name: str = Field(..., description="Run name: the run folder is <output_dir>/<name>.")
+    stage: Literal["sft", "reward", "rl"] = Field(..., description="Which training stage this recipe runs.")
+    seed: int = Field(42, description="Seed for data order, sampling and initialisation.")
+    output_dir: str = Field("runs", description="Parent folder of run folders (relative to the working dir).")
+    cache_dir: Optional[str] = Field(None, description="Where converted models are cached (default ~/.cache).")
+    num_threads: Optional[int] = Field(None, gt=0, description="torch CPU threads per rank (default: cores/ranks).")
+    model: ModelConfig = Field(..., description="The trained model (actor for RL).")
+    reference: Optional[ModelConfig] = Field(None, description="Reference model; default: a frozen actor copy.")
+    critic: CriticConfig = Field(default_factory=CriticConfig, description="PPO critic (value model).")
+    reward: Optional[RewardConfig] = Field(None, description="Reward for RL.")
+    data: DatasetConfig = Field(..., description="Training data (prompts for RL, pairs for reward, SFT rows).")
+    ptx_data: Optional[DatasetConfig] = Field(None, description="SFT rows for the ptx loss.")
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="ZeRO and precision.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and LR schedule.")
+    train: TrainConfig = Field(..., description="Steps and batch sizes.")
+    generation: GenerationSection = Field(default_factory=GenerationSection, description="Sampling.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="RL loop settings (PPO, GRPO, RLOO, REINFORCE++).")
+    hybrid: HybridConfig = Field(default_factory=HybridConfig, description="Hybrid engine.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, samples, wandb.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
+
+    @model_validator(mode="after")
+    def _stage_needs(self):
+        if self.stage == "rl" and self.reward is None:
+            raise ValueError("stage 'rl' needs a reward section")
+        if self.ppo.ptx_coef > 0 and self.ptx_data is None:
+            raise ValueError("ppo.ptx_coef > 0 needs ptx_data")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# derived batch sizes: computed once, never silently rewritten
+class BatchSizes(BaseModel):
+    world_size: int
+    rollout_sequences: int  # prompts x group_size, all ranks
+    local_rollout_sequences: int  # per rank
+    mini_batch_size: int  # global sequences per optimizer step
+    num_mini_batches: int  # optimizer steps per PPO epoch
+    micro_batch_size: int  # per rank per forward
+    gradient_accumulation_steps: int
+
+
+def derive_batch_sizes(recipe: Recipe, world_size: int) -> BatchSizes:
+    """Check that the batch sizes divide and return the derived ones; raise RecipeError if not."""
+    t = recipe.train
+    group = recipe.ppo.group_size if recipe.stage == "rl" else 1
+    seqs = t.rollout_batch_size * group if recipe.stage == "rl" else t.mini_batch_size
+
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise RecipeError(f"train: {msg} (world size {world_size}); adjust the batch sizes in the recipe")
+
+    need(seqs % world_size == 0, f"rollout_batch_size x group_size = {seqs} must divide by the world size")
+    need(seqs % t.mini_batch_size == 0, f"rollout sequences {seqs} must divide by mini_batch_size {t.mini_batch_size}")
+    per_step = t.micro_batch_size * world_size
+    need(t.mini_batch_size % per_step == 0,
+         f"mini_batch_size {t.mini_batch_size} must divide by micro_batch_size x world = {per_step}")
+    if recipe.stage == "rl" and recipe.ppo.algorithm in ("grpo", "rloo"):
+        need((seqs // world_size) % group == 0, "each rank must hold whole prompt groups")
+    return BatchSizes(world_size=world_size, rollout_sequences=seqs, local_rollout_sequences=seqs // world_size,
+                      mini_batch_size=t.mini_batch_size, num_mini_batches=seqs // t.mini_batch_size,
+                      micro_batch_size=t.micro_batch_size,
+                      gradient_accumulation_steps=t.mini_batch_size // per_step)
+
+
+# --------------------------------------------------------------------------------------------
+# loading and errors
+class RecipeError(ValueError):
+    """A recipe problem, with a message meant for the user (file, key, expectation, fix)."""
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in the YAML text to its 1-based line, for error messages."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (str(k.value),)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[path + (i,)] = v.start_mark.line + 1
+                walk(v, path + (i,))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _section_at(loc: tuple) -> Optional[type[BaseModel]]:
+    """The pydantic model class that owns the key at `loc` (walks the Recipe schema)."""
+    cls: Any = Recipe
+    for part in loc[:-1]:
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return None
+        ann = cls.model_fields[part].annotation
+        cls = next((a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int], overridden: set) -> str:
+    out = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in (
+            "list[str]", "literal['all-linear']", "ModelConfig", "LoraConfig", "WandbConfig", "DatasetConfig",
+            "RewardConfig"))))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        where = f"--set {key}" if loc in overridden else source
+        if loc in lines and loc not in overridden:
+            where += f", line {lines[loc]}"
+        if e["type"] == "extra_forbidden":
+            section = _section_at(loc)
+            names = list(section.model_fields) if section else []
+            hint = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+            msg = f"unknown key '{key}' in {where}"
+            msg += f"; did you mean '{hint[0]}'?" if hint else (f"; valid keys here: {', '.join(names)}" if names else "")
+        elif e["type"] == "missing":
+            section = _section_at(loc)
+            doc = section.model_fields[loc[-1]].description if section and loc[-1] in section.model_fields else ""
+            msg = f"missing required key '{key}' in {where}" + (f" ({doc})" if doc else "")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            msg = f"bad value for '{key}' in {where}: {e['msg']}{got_s}"
+        out.append(msg)
+    return "\n".join(out)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], value parsed as YAML)."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.steps=10")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {key}: value {raw!r} is not valid YAML ({e})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> set[tuple]:
+    """Apply --set overrides in place; return the key paths they touched."""
+    touched = set()
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise RecipeError(f"--set {'.'.join(path)}: '{part}' is a value, not a section")
+            node = node[part]
+        node[path[-1]] = value
+        touched.add(tuple(path))
+    return touched
+
+
+def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError with a user-facing message."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError(f"YAML syntax error in {path}{line}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    touched = apply_overrides(data, overrides or [])
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e, str(path), _key_lines(text), touched)) from None
+    # data paths are relative to the recipe file, so a recipe runs from any working directory
+    for ds in (recipe.data, recipe.ptx_data):
+        if ds is not None and not Path(ds.path).is_absolute() and (path.parent / ds.path).exists():
+            ds.path = str((path.parent / ds.path).resolve())
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (written into every run folder)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

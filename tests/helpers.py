@@ -1,0 +1,35 @@
+"""Run real multi-process jobs through the `deepspeed` launcher (CPU ranks on gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_deepspeed(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600,
+                  env: dict | None = None) -> subprocess.CompletedProcess:
+    """Start `deepspeed --num_gpus nproc script args...`; fail the test with the log if it fails."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+           "--master_port", str(free_port()), str(script), *map(str, args)]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"deepspeed run failed ({proc.returncode}): {' '.join(cmd)}\n"
+                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def json_lines(text: str, prefix: str) -> list[dict]:
+    """Parse lines 'PREFIX {json}' that worker scripts print."""
+    return [json.loads(line.split(prefix, 1)[1]) for line in text.splitlines() if prefix in line]
