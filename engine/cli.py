@@ -1,0 +1,84 @@
+"""`rlhf-engine` command line: train, validate, presets (export and bench join later).
+
+Thin on purpose: every command parses a recipe (or a run folder) and calls one library function.
+Settings live in the recipe, not in flags: `--set a.b.c=value` overrides any recipe key.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from engine.config import RecipeError, derive_batch_sizes, load_recipe, recipe_to_yaml
+
+WORKER = Path(__file__).with_name("worker.py")
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.steps=10 (repeatable)")
+
+
+def cmd_validate(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.world_size:
+        sizes = derive_batch_sizes(recipe, args.world_size)
+        print(f"# derived batch sizes for {args.world_size} rank(s): {sizes.model_dump()}")
+    print(recipe_to_yaml(recipe), end="")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from engine.models import list_presets
+
+    for name, desc in list_presets():
+        print(f"{name:24s} {desc}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before any launcher starts
+    if args.nproc > 1:
+        derive_batch_sizes(recipe, args.nproc)
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), str(WORKER),
+               args.recipe, *[f"--set={o}" for o in args.overrides]]
+        print("[launch] " + " ".join(cmd), file=sys.stderr, flush=True)
+        return subprocess.call(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
+    from engine.worker import run
+
+    run(recipe)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf-engine", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run a recipe (SFT, reward model or RL)")
+    _add_recipe_args(p)
+    p.add_argument("--nproc", type=int, default=1, help="ranks on this machine (>1 starts the deepspeed launcher)")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("validate", help="check a recipe and print it resolved (exit code 2 on errors)")
+    _add_recipe_args(p)
+    p.add_argument("--world-size", type=int, default=0, help="also check batch sizes divide for this many ranks")
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("presets", help="list the named model presets")
+    p.set_defaults(fn=cmd_presets)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

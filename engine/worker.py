@@ -1,0 +1,63 @@
+"""Per-rank entry point: what each process started by the deepspeed launcher runs.
+
+`deepspeed --num_gpus N launch/train.py RECIPE [--set KEY=VALUE ...]` (launch/train.py calls `main`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from engine.config import Recipe, RecipeError, load_recipe
+
+
+def run(recipe: Recipe) -> dict:
+    """Run the recipe's stage on this rank; the main rank prints the summary."""
+    from engine.distributed import init_distributed
+
+    dist = init_distributed(recipe.num_threads)
+    if recipe.stage == "rl":
+        from engine.trainer import train_rl
+
+        summary = train_rl(recipe, dist)
+    else:
+        raise RecipeError(f"stage '{recipe.stage}' is not available yet in this build; use stage: rl")
+    if dist.is_main:
+        print_summary(summary)
+        print("SUMMARY_JSON " + json.dumps(summary, default=str), flush=True)
+    return summary
+
+
+def print_summary(s: dict) -> None:
+    """Human summary at the end of a run: scores before/after, KL, samples, where things are."""
+    line = "=" * 78
+    print(f"\n{line}\nrun finished: {s.get('steps')} steps in {s.get('train_seconds', 0):.0f} s")
+    if "score_before" in s:
+        print(f"mean reward (eval prompts): before {s['score_before']:+.4f}  ->  after {s['score_after']:+.4f}")
+        print(f"KL(actor || reference) per response after training: {s['kl_after']:.4f}")
+    for tag in ("before", "after"):
+        for prompt, resp, score in s.get(f"samples_{tag}", [])[:2]:
+            short_p = prompt.strip().splitlines()[-2] if prompt.strip().count("\n") else prompt.strip()
+            print(f"  [{tag}] {short_p[:70]!r}\n      -> {resp.strip()[:160]!r}  (score {score:+.3f})")
+    print(f"run folder: {s.get('run_dir')}")
+    if s.get("plots"):
+        print(f"plots: {', '.join(s['plots'])}")
+    print(line, flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="per-rank training entry (run by the deepspeed launcher)")
+    parser.add_argument("recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    args = parser.parse_args(argv)
+    try:
+        run(load_recipe(args.recipe, args.overrides))
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""The script the deepspeed launcher runs on every rank.
+
+    deepspeed --num_gpus 2 launch/train.py recipes/tiny/ppo-zero3.yaml --set train.steps=2
+    deepspeed --hostfile launch/hostfile --num_nodes 2 --num_gpus 8 launch/train.py recipes/gpu/llama3-70b-ppo.yaml
+
+Single process: `rlhf-engine train RECIPE` (or `--nproc N` to start this launcher for you).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from engine.worker import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
