@@ -1,0 +1,50 @@
+"""Every shipped recipe validates, opens with a header, and its batch sizes divide for the world
+size its own launch command uses."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.config import derive_batch_sizes, load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml"))
+
+
+def launch_world_size(text: str) -> int:
+    """World size from the header's launch command: --num_gpus x --num_nodes, or --nproc."""
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    gpus = re.search(r"--num_gpus\s+(\d+)", header)
+    nodes = re.search(r"--num_nodes\s+(\d+)", header)
+    if gpus:
+        return int(gpus.group(1)) * (int(nodes.group(1)) if nodes else 1)
+    return 1
+
+
+def test_recipes_exist():
+    assert len(RECIPES) >= 5, RECIPES
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_recipe_validates_with_header(path):
+    text = path.read_text()
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    assert header and text.startswith("#"), f"{path} must open with a header comment"
+    joined = "\n".join(header).lower()
+    for word in ("hardware", "launch"):
+        assert word in joined, f"{path}: header lacks '{word}'"
+    recipe = load_recipe(path)
+    sizes = derive_batch_sizes(recipe, launch_world_size(text))
+    assert sizes.gradient_accumulation_steps >= 1
+    if "/gpu/" in str(path):
+        assert "memory" in joined, f"{path}: GPU recipes state their expected memory per GPU"
+
+
+def test_cli_validate_accepts_every_recipe():
+    for path in RECIPES:
+        out = subprocess.run([sys.executable, "-m", "engine.cli", "validate", str(path)], cwd=REPO,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert "stage:" in out.stdout
