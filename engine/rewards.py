@@ -1,0 +1,303 @@
+"""Reward functions: one interface for a learned reward model, a Python callable, and built-in judges.
+
+``reward(prompts, responses) -> scores [B]`` (float32, on CPU, already multiplied by
+``reward.scale``). Every call is checked: a reward that raises, returns the wrong number of
+scores, or returns NaN/inf stops the run with ``RewardError`` naming the reward and the sample.
+The learned model also scores token ids directly: ``reward.score_tokens(input_ids, attention_mask)``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from engine.config import RewardConfig
+
+SAMPLE_CHARS = 200  # how much of a prompt / response an error message shows
+
+
+class RewardError(RuntimeError):
+    """A reward failed on real data; the message names the reward and the offending sample."""
+
+
+def _clip_text(text: str, limit: int = SAMPLE_CHARS) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _sample(i: int, prompts: list[str], responses: list[str]) -> str:
+    prompt = prompts[i] if i < len(prompts) else "?"
+    response = responses[i] if i < len(responses) else "?"
+    return f"sample {i}: prompt={_clip_text(prompt)} response={_clip_text(response)}"
+
+
+def check_scores(scores: Any, reward_name: str, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """Scores (list, array or tensor) -> float32 CPU tensor [B]; RewardError if the count is wrong or any is NaN/inf."""
+    try:
+        out = torch.as_tensor(scores.detach() if isinstance(scores, torch.Tensor) else scores,
+                              dtype=torch.float32).cpu()
+    except (TypeError, ValueError) as e:
+        raise RewardError(f"reward '{reward_name}' returned {type(scores).__name__}, expected a list or "
+                          f"1-D tensor of {len(responses)} floats ({e})") from e
+    if out.dim() != 1 or out.numel() != len(responses):
+        raise RewardError(f"reward '{reward_name}' returned {tuple(out.shape)} scores for {len(responses)} "
+                          f"responses; it must return one float per response")
+    bad = torch.nonzero(~torch.isfinite(out)).flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise RewardError(f"reward '{reward_name}' returned {out[i].item()} for {_sample(i, prompts, responses)}"
+                          f" ({bad.numel()} non-finite score(s) in the batch); fix the reward so it returns finite"
+                          " numbers")
+    return out
+
+
+class RewardFunction:
+    """Base: subclasses implement ``_score(prompts, responses)``; ``__call__`` checks and scales."""
+
+    name: str = "reward"
+    # on an exception, re-run one sample at a time to name the one that fails (cheap rewards only)
+    locate_failures: bool = True
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def _score(self, prompts: list[str], responses: list[str]) -> Any:
+        raise NotImplementedError
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Scores [B] float32 on CPU for prompt/response pairs, times ``scale``."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"reward '{self.name}': {len(prompts)} prompts but {len(responses)} responses")
+        try:
+            raw = self._score(prompts, responses)
+        except RewardError:
+            raise
+        except Exception as e:
+            raise RewardError(f"reward '{self.name}' raised {type(e).__name__}: {e}; "
+                              f"{self._failing_sample(prompts, responses)}") from e
+        return check_scores(raw, self.name, prompts, responses) * self.scale
+
+    def _failing_sample(self, prompts: list[str], responses: list[str]) -> str:
+        """Which sample raises when scored alone (the run stops anyway, so the retries are affordable)."""
+        if self.locate_failures and len(responses) > 1:
+            for i in range(len(responses)):
+                try:
+                    self._score(prompts[i:i + 1], responses[i:i + 1])
+                except Exception:
+                    return "failing " + _sample(i, prompts, responses)
+        return f"batch of {len(responses)}, first " + _sample(0, prompts, responses)
+
+
+def _no_kwargs(name: str, kwargs: dict, allowed: tuple = ()) -> None:
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"reward.kwargs {unknown} are not used by reward.type '{name}'; "
+                         f"allowed: {list(allowed) or 'none'}")
+
+
+# --------------------------------------------------------------------------------------------
+class SentimentReward(RewardFunction):
+    """VADER compound sentiment of the response alone, in [-1, 1] (rule-based, no model download)."""
+
+    name = "sentiment"
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__(scale)
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.analyzer = SentimentIntensityAnalyzer()
+
+    def _score(self, prompts, responses):
+        return [self.analyzer.polarity_scores(r)["compound"] for r in responses]
+
+
+class LengthReward(RewardFunction):
+    """Response length in ``unit`` ("words" split on whitespace, "chars", or "tokens" of the policy tokenizer).
+
+    With ``target``: -|len - target| / target (0 at the target, -1 for an empty response).
+    Without: the plain length (use ``reward.scale`` to bring it to a sensible range).
+    """
+
+    name = "length"
+
+    def __init__(self, target: Optional[float] = None, unit: str = "words", *, tokenizer=None, scale: float = 1.0):
+        super().__init__(scale)
+        if unit not in ("words", "chars", "tokens"):
+            raise ValueError(f"reward.kwargs.unit: expected 'words', 'chars' or 'tokens', got {unit!r}")
+        if unit == "tokens" and tokenizer is None:
+            raise ValueError("reward.kwargs.unit 'tokens' needs the policy tokenizer (build_reward(policy_tokenizer=...))")
+        if target is not None and target <= 0:
+            raise ValueError(f"reward.kwargs.target must be > 0, got {target}")
+        self.target, self.unit, self.tokenizer = target, unit, tokenizer
+
+    def length(self, text: str) -> int:
+        if self.unit == "words":
+            return len(text.split())
+        if self.unit == "chars":
+            return len(text)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _score(self, prompts, responses):
+        lengths = [float(self.length(r)) for r in responses]
+        if self.target is None:
+            return lengths
+        return [-abs(n - self.target) / self.target for n in lengths]
+
+
+def load_function(spec: str) -> Callable:
+    """'package.module:function' (importable from the working dir / PYTHONPATH) or 'path/to/file.py:function'."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward.function {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
+    try:
+        if module_name.endswith(".py") or "/" in module_name:
+            path = Path(module_name).expanduser().resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"no file {path}")
+            mod_spec = importlib.util.spec_from_file_location(f"_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))  # 'module:function' next to where the run starts
+            module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ValueError(f"reward.function {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); "
+                         "give a module importable from the working directory or PYTHONPATH, or a file "
+                         "path like path/to/file.py:function") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        raise ValueError(f"reward.function {spec!r}: {module_name!r} has no function {attr!r}; "
+                         f"callables there: {', '.join(names) or 'none'}")
+    return fn
+
+
+class CallableReward(RewardFunction):
+    """A user function ``fn(prompts, responses, **kwargs) -> list/tensor of floats`` (one per response)."""
+
+    def __init__(self, function: str, kwargs: Optional[dict] = None, scale: float = 1.0):
+        super().__init__(scale)
+        self.fn = load_function(function)
+        self.name = f"callable {function}"
+        self.kwargs = dict(kwargs or {})
+
+    def _score(self, prompts, responses):
+        return self.fn(list(prompts), list(responses), **self.kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+def _same_vocab(a, b) -> bool:
+    return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
+
+
+class ModelReward(RewardFunction):
+    """A learned scalar reward model (``engine.models.ScalarModel``: ``.scores(ids, mask) -> [B]``).
+
+    Text in (``__call__``): prompt + response is tokenized with the RM tokenizer the way the reward
+    stage encodes pairs (engine/data.py): special tokens added unless the text already starts with
+    BOS, and closed by EOS. Token ids in (``score_tokens``): the policy's ids are scored as they are
+    when the RM shares the policy's vocabulary; otherwise the texts (given, or decoded without
+    special tokens) are re-tokenized as above. ``.model`` may be swapped for a DeepSpeed-wrapped
+    copy by the trainer: only ``.scores`` is called.
+    """
+
+    locate_failures = False  # a model failure is rarely sample-specific; don't re-run it per sample
+
+    def __init__(self, model, tokenizer, *, policy_tokenizer=None, name: str = "model", scale: float = 1.0,
+                 device=None, batch_size: int = 16):
+        super().__init__(scale)
+        self.model, self.tokenizer, self.policy_tokenizer = model, tokenizer, policy_tokenizer
+        self.name, self.device, self.batch_size = name, device, batch_size
+        self.same_tokenizer = policy_tokenizer is not None and _same_vocab(policy_tokenizer, tokenizer)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token  # pads are masked; any id will do
+
+    @torch.no_grad()
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = []
+        for start in range(0, input_ids.shape[0], self.batch_size):
+            ids = input_ids[start:start + self.batch_size]
+            mask = attention_mask[start:start + self.batch_size]
+            if self.device is not None:
+                ids, mask = ids.to(self.device), mask.to(self.device)
+            out.append(self.model.scores(ids, mask).float().cpu())
+        return torch.cat(out)
+
+    def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok, rows = self.tokenizer, []
+        for text in texts:
+            ids = tok(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token)))["input_ids"]
+            if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
+                ids = ids + [tok.eos_token_id]  # reward-stage pairs end with EOS; the RM reads there
+            rows.append(ids)
+        enc = tok.pad({"input_ids": rows}, return_tensors="pt")  # the tokenizer's padding side; RM handles both
+        return enc["input_ids"], enc["attention_mask"]
+
+    def _score(self, prompts, responses):
+        return self._forward(*self._tokenize([p + r for p, r in zip(prompts, responses)]))
+
+    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+        tok = self.policy_tokenizer or self.tokenizer
+        return [tok.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
+                for ids, m in zip(input_ids, attention_mask)]
+
+    def _texts(self, input_ids, attention_mask, prompts, responses) -> tuple[list[str], list[str]]:
+        if prompts is not None and responses is not None:
+            return list(prompts), list(responses)
+        return [""] * len(input_ids), self._decode(input_ids, attention_mask)  # decoded prompt+response
+
+    def score_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                     prompts: Optional[list[str]] = None, responses: Optional[list[str]] = None) -> torch.Tensor:
+        """Scores [B] (float32, CPU, scaled) of policy token ids [B, L] (prompt + response), attention_mask [B, L].
+
+        ``prompts`` / ``responses`` are the texts behind the ids: re-tokenized when the RM's vocabulary
+        differs, and used to name a failing sample (without them the ids are decoded).
+        """
+        if not self.same_tokenizer:
+            return self(*self._texts(input_ids, attention_mask, prompts, responses))
+        try:
+            raw = self._forward(input_ids, attention_mask)
+        except Exception as e:
+            p, r = self._texts(input_ids[:1], attention_mask[:1], prompts, responses)
+            raise RewardError(f"reward '{self.name}' raised {type(e).__name__}: {e}; batch of {len(input_ids)}, "
+                              f"first {_sample(0, p, r)}") from e
+        if not bool(torch.isfinite(raw).all()):  # texts only to name the bad sample
+            check_scores(raw, self.name, *self._texts(input_ids, attention_mask, prompts, responses))
+        return raw * self.scale
+
+
+def load_model_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None
+                      ) -> ModelReward:
+    """Load the reward model of ``reward.model`` (via engine.models) and its tokenizer."""
+    from engine import models  # heavy (transformers); only the model reward needs it
+
+    kwargs = dict(reward_cfg.kwargs)
+    _no_kwargs("model", kwargs, ("batch_size",))
+    # fixed head seed: a backbone without a trained head still scores the same on every rank
+    model = models.load_scalar_model(reward_cfg.model, cache_dir=cache_dir, init_head_seed=0)
+    model.eval().requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    tokenizer = models.load_tokenizer(reward_cfg.model, cache_dir=cache_dir)
+    return ModelReward(model, tokenizer, policy_tokenizer=policy_tokenizer, name=f"model {reward_cfg.model.name_or_path}",
+                       scale=reward_cfg.scale, device=device, **kwargs)
+
+
+def build_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None) -> RewardFunction:
+    """The reward a recipe's ``reward`` section describes; ``reward.scale`` multiplies every score."""
+    kind, kwargs, scale = reward_cfg.type, dict(reward_cfg.kwargs), reward_cfg.scale
+    if kind == "sentiment":
+        _no_kwargs(kind, kwargs)
+        return SentimentReward(scale=scale)
+    if kind == "length":
+        _no_kwargs(kind, kwargs, ("target", "unit"))
+        return LengthReward(**kwargs, tokenizer=policy_tokenizer, scale=scale)
+    if kind == "callable":
+        return CallableReward(reward_cfg.function, kwargs, scale=scale)
+    if kind == "model":
+        return load_model_reward(reward_cfg, policy_tokenizer=policy_tokenizer, cache_dir=cache_dir, device=device)
+    raise ValueError(f"reward.type: unknown {kind!r}; expected model, callable, sentiment or length")
