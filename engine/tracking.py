@@ -136,5 +136,20 @@ def run_dir_for(recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / recipe.name
 
 
+def archive_previous_run(run_dir: Path) -> Optional[Path]:
+    """Move an earlier run's folder aside (``<name>.<timestamp>``) so a fresh run never appends
+    to or overwrites it. Returns where it went, or None if there was nothing."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(run_dir.stat().st_mtime))
+    target = run_dir.with_name(f"{run_dir.name}.{stamp}")
+    n = 1
+    while target.exists():
+        target, n = run_dir.with_name(f"{run_dir.name}.{stamp}-{n}"), n + 1
+    run_dir.rename(target)
+    return target
+
+
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")

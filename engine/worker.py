@@ -20,6 +20,14 @@ def run(recipe: Recipe) -> dict:
         from engine.trainer import train_rl
 
         summary = train_rl(recipe, dist)
+    elif recipe.stage == "sft":
+        from engine.sft import train_sft
+
+        summary = train_sft(recipe, dist)
+    elif recipe.stage == "reward":
+        from engine.reward_model import train_reward_model
+
+        summary = train_reward_model(recipe, dist)
     else:
         raise RecipeError(f"stage '{recipe.stage}' is not available yet in this build; use stage: rl")
     if dist.is_main:
@@ -35,11 +43,16 @@ def print_summary(s: dict) -> None:
     if "score_before" in s:
         print(f"mean reward (eval prompts): before {s['score_before']:+.4f}  ->  after {s['score_after']:+.4f}")
         print(f"KL(actor || reference) per response after training: {s['kl_after']:.4f}")
+    if s.get("eval_after"):  # supervised stages: eval metrics before -> after
+        print(f"eval on {s.get('eval_rows')} {s.get('eval_on')}:")
+        for key, after in s["eval_after"].items():
+            print(f"  {key:12s} before {s['eval_before'].get(key, float('nan')):.4f}  ->  after {after:.4f}")
     for tag in ("before", "after"):
         for prompt, resp, score in s.get(f"samples_{tag}", [])[:2]:
-            short_p = prompt.strip().splitlines()[-2] if prompt.strip().count("\n") else prompt.strip()
-            print(f"  [{tag}] {short_p[:70]!r}\n      -> {resp.strip()[:160]!r}  (score {score:+.3f})")
+            print(f"  [{tag}] {str(prompt).strip()[:70]!r}\n      -> {resp.strip()[:160]!r}  (score {score:+.3f})")
     print(f"run folder: {s.get('run_dir')}")
+    if s.get("final_dir"):
+        print(f"trained model (Hugging Face folder): {s['final_dir']}")
     if s.get("plots"):
         print(f"plots: {', '.join(s['plots'])}")
     print(line, flush=True)

@@ -1,0 +1,156 @@
+"""Rollouts: sample responses for a batch of prompts, then score them (no grad).
+
+Shapes (B = local sequences, P = padded prompt length, R = padded response length):
+    prompt_ids / prompt_mask      [B, P]  left-padded
+    response_ids / response_mask  [B, R]  right-padded; mask = 1 up to and including the first EOS
+    logprobs / ref_logprobs       [B, R]  float32, log pi(token_t | prefix) at temperature T
+    values                        [B, R]  float32, critic value of the state before token_t
+    scores                        [B]     float32, sequence reward
+Every per-token tensor is aligned with `response_ids`; positions where response_mask == 0 hold 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
+
+import torch
+
+import kernels
+from engine.config import GenerationSection
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    response_ids: torch.Tensor  # [B, R] right-padded
+    response_mask: torch.Tensor  # [B, R] float, 1 through the first EOS
+    has_eos: torch.Tensor  # [B] bool, the response ended with EOS (not truncated)
+    prompts: list[str]  # rendered prompt text (chat template applied): what the model saw
+    responses: list[str]
+    logprobs: Optional[torch.Tensor] = None  # [B, R] actor (old) log-probs
+    ref_logprobs: Optional[torch.Tensor] = None  # [B, R]
+    values: Optional[torch.Tensor] = None  # [B, R]
+    scores: Optional[torch.Tensor] = None  # [B]
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        """[B, P+R] prompt and response token ids."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """[B, P+R]: prompt padding and everything after the first EOS are masked."""
+        return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)
+
+    def select(self, idx) -> "Rollout":
+        """A sub-batch (rows `idx`) of every tensor and list field."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                out[f.name] = v[idx]
+            elif isinstance(v, list):
+                ids = idx.tolist() if isinstance(idx, torch.Tensor) else list(range(len(v)))[idx]
+                out[f.name] = [v[i] for i in ids]
+            else:
+                out[f.name] = v
+        return Rollout(**out)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] positions that skip left padding, as `generate()` uses them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int,
+                           ended: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask [B, R] covering tokens up to and including the first EOS, and has_eos [B].
+
+    `ended` [B] marks rows stopped by a stop string: their trailing pad run is masked too.
+    """
+    B, R = response_ids.shape
+    is_eos = response_ids == eos_token_id
+    has_eos = is_eos.any(dim=1)
+    first_eos = torch.where(has_eos, is_eos.float().argmax(dim=1), torch.full((B,), R, device=response_ids.device))
+    pos = torch.arange(R, device=response_ids.device).unsqueeze(0)
+    mask = pos <= first_eos.unsqueeze(1)
+    if ended is not None and ended.any():
+        # stop-string rows: generate() pads after the stop; the last non-pad token closes the response
+        not_pad = (response_ids != pad_token_id).long()
+        last_real = R - 1 - not_pad.flip(1).argmax(dim=1)
+        mask &= ~(ended.unsqueeze(1) & (pos > last_real.unsqueeze(1)))
+    return mask.float(), has_eos
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationSection,
+             *, batch_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample responses for left-padded prompts [B, P] -> (response_ids [B, R], response_mask, has_eos).
+
+    R = gen.max_new_tokens always (shorter generations are right-padded), so shapes are static.
+    `model` is an HF causal LM in inference mode (the hybrid engine's module).
+    """
+    B = prompt_ids.shape[0]
+    bs = batch_size or B
+    R = gen.max_new_tokens
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    kwargs = dict(max_new_tokens=R, min_new_tokens=gen.min_new_tokens, do_sample=gen.do_sample,
+                  pad_token_id=pad, eos_token_id=eos, use_cache=True)
+    if gen.do_sample:
+        kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if gen.stop_strings:
+        kwargs.update(stop_strings=gen.stop_strings, tokenizer=tokenizer)
+    outs = []
+    for i in range(0, B, bs):
+        ids, mask = prompt_ids[i:i + bs], prompt_mask[i:i + bs]
+        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+        outs.append(torch.nn.functional.pad(out, (0, R - out.shape[1]), value=pad))
+    response_ids = torch.cat(outs).to(prompt_ids.device)
+    ended = None
+    if gen.stop_strings:
+        ended = ~(response_ids == eos).any(1) & (response_ids[:, -1] == pad)
+    mask, has_eos = response_mask_from_ids(response_ids, eos, pad, ended)
+    # everything after the end is padding, so scoring and decoding never see stray tokens
+    response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad))
+    return response_ids, mask, has_eos
+
+
+def forward_logprobs(model: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                     temperature: float = 1.0, *, return_entropy: bool = False):
+    """Log-probs [B, R] of the last R tokens of `input_ids` [B, L] (and entropy [B, R] if asked).
+
+    `model` is an HF causal LM or a DeepSpeed engine wrapping one. Only the R+1 last positions go
+    through the LM head (`logits_to_keep`), and the log-softmax is the chunked kernel, so no
+    [B, L, V] float32 tensor exists.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), logits_to_keep=response_len + 1,
+                use_cache=False)
+    logits = out.logits[:, -response_len - 1:-1]
+    labels = input_ids[:, -response_len:]
+    if return_entropy:
+        return (kernels.logprobs_from_logits(logits, labels, temperature),
+                kernels.entropy_from_logits(logits, temperature))
+    return kernels.logprobs_from_logits(logits, labels, temperature)
+
+
+def forward_values(critic: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   response_len: int) -> torch.Tensor:
+    """Critic values [B, R] for the states before each of the last R tokens of `input_ids` [B, L].
+
+    `critic` is an engine.models.ScalarModel or a DeepSpeed engine wrapping one (forward, so ZeRO hooks run).
+    """
+    values = critic(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), per_token=True)
+    return values[:, -response_len - 1:-1].float()
+
+
+@torch.no_grad()
+def micro_batched(fn: Callable, micro_batch_size: int, *tensors: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Apply fn to row slices of `tensors` and concatenate: bounded memory for scoring passes."""
+    B = tensors[0].shape[0]
+    outs = [fn(*(t[i:i + micro_batch_size] for t in tensors), **kwargs) for i in range(0, B, micro_batch_size)]
+    return torch.cat(outs)
