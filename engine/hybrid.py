@@ -11,7 +11,8 @@ model all-gather plus Python hook overhead (~10x slower than unsharded, even ins
 How (architecture-agnostic, exact; no injected kernels, no second model):
 1. mode switch: eval mode, KV cache on, gradient-checkpointing flags off (each module's own flags
    are saved and restored, so mixed train/eval submodules come back exactly as they were);
-2. ZeRO-3 only: the DeepSpeed forward/backward hooks are taken out of the module hook dicts (the
+2. the DeepSpeedEngine's per-forward hooks (timers, profiler) are detached; ZeRO-3 also has its
+   forward/backward hooks taken out of the module hook dicts (the
    very same hook objects are put back, in their original order, on exit) and every partitioned
    parameter is all-gathered *in place* (``param.all_gather``). Generation then runs the plain
    PyTorch forward on full weights: the same ops as an unsharded model, so the same tokens;
@@ -32,6 +33,10 @@ inside every forward (one coalesced all-gather per group, not one per submodule)
 after. That trades speed for memory (one all-gather of the layer weights per token); it needs the
 ranks to step together (``synced_gpus=True`` is the default then) and runs LoRA adapters unmerged.
 
+ZeRO-3 also swaps `torch.nn.functional.linear` for a memory-saving autograd wrapper, process-wide
+and permanently; inside the context the real function is back (see `original_linear`), so every
+model generates at the speed it would have in a process without ZeRO-3.
+
 Stages 0-2: only the mode switch and the LoRA merge happen (near-zero cost).
 Timings of the last round trip are in ``HybridEngine.last_timings``: gather_s (entry: hooks off,
 gather, merge), generate_s (time spent inside the ``with`` body), release_s (exit).
@@ -40,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator, Optional
 
 import torch
@@ -60,6 +65,31 @@ def _sync_device() -> None:
     """Wait for queued device work so timings measure the work, not its launch."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+@contextmanager
+def original_linear() -> Iterator[None]:
+    """Run with the real `torch.nn.functional.linear`.
+
+    Building a model under `deepspeed.zero.Init` replaces `F.linear`, process-wide and for good, by
+    ZeRO's memory-efficient autograd wrapper: ~100 us extra per call, pure overhead without gradients
+    (every linear of every model in the process pays it). Generation runs without it, as in a process
+    that never used ZeRO-3. No-op when nothing was patched."""
+    import torch.nn.functional as F
+    try:
+        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Patcher
+    except ImportError:  # pragma: no cover
+        Patcher = None
+    original = getattr(Patcher, "linear_bk", None)
+    patched = F.linear
+    if original is None or patched is original:
+        yield
+        return
+    F.linear = original
+    try:
+        yield
+    finally:
+        F.linear = patched
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,6 +119,22 @@ def _zero_offload(engine) -> Optional[object]:
     if opt is not None and hasattr(opt, "forward_hooks") and hasattr(opt, "fwd_pre_hook"):
         return opt  # frozen ZeRO-3 engines (no optimizer) keep a bare DeepSpeedZeRoOffload here
     return None
+
+
+class _PlainParameterDicts:
+    """ZeRO-3 replaces each module's `_parameters` with a ZeROOrderedDict whose `__getitem__` runs
+    Python checks on every weight access; while gathered we swap in plain dicts holding the same
+    Parameter objects (measurably faster per token) and put the very same ZeRO dicts back on exit."""
+
+    def __init__(self, root: nn.Module):
+        self.saved = [(m, m._parameters) for m in root.modules() if type(m._parameters) is not dict]
+        for m, zero_dict in self.saved:
+            m._parameters = dict(zero_dict)
+
+    def restore(self) -> None:
+        for m, zero_dict in self.saved:
+            m._parameters = zero_dict
+        self.saved = []
 
 
 class _DetachedHooks:
@@ -242,6 +288,10 @@ class HybridEngine:
             raise ValueError(f"hybrid.layers_per_group must be a positive number of layers, got {layers_per_group}")
         engine = actor_engine_or_module
         self.module: nn.Module = getattr(engine, "module", engine)  # DeepSpeedEngine.module or the model
+        # DeepSpeedEngine's own forward hooks (timers, profiler, ZeRO-3 parameter discovery): per-token
+        # bookkeeping generation does not need; detached while generating, at every stage
+        self.engine_hooks = [h for h in (getattr(engine, "module_forward_pre_hook", None),
+                                         getattr(engine, "module_forward_post_hook", None)) if h is not None]
         self.model = _hf_model(self.module)
         self.offload = _zero_offload(engine)
         if self.offload is None and any(_is_zero3_param(p) for p in self.module.parameters()):
@@ -263,17 +313,22 @@ class HybridEngine:
         Example: `with hybrid.inference() as model: out = model.generate(input_ids, attention_mask=mask,
         max_new_tokens=32)` with input_ids/mask [batch, prompt_len] -> out [batch, prompt_len + new]."""
         t0 = time.perf_counter()
-        mode = _ModeSwitch(self.module, self.model)
-        hooks = gathered = groups = merge = None
-        generate_override = "generate" in self.model.__dict__
+        undo = ExitStack()  # restore actions, run in reverse order on exit (also after an error)
+        groups = None
         try:
+            undo.callback(_ModeSwitch(self.module, self.model).restore)
+            if self.enabled:
+                undo.enter_context(original_linear())
+                if not self.sharded:
+                    undo.callback(_DetachedHooks(self.engine_hooks).restore)
             if self.sharded and self.enabled:
-                hooks, gathered, groups = self._enter_sharded()
+                groups = self._enter_sharded(undo)
             lora = _lora_layers(self.module)
             if lora and self.enabled and groups is None:
-                merge = _LoraMerge(lora, backup=not self.sharded)
-            if self.sharded:
+                undo.callback(_LoraMerge(lora, backup=not self.sharded).restore)
+            if self.sharded and "generate" not in self.model.__dict__:
                 self._default_synced_gpus(synced=not self.enabled or groups is not None)
+                undo.callback(self.model.__dict__.pop, "generate", None)
             _sync_device()
             t1 = time.perf_counter()
             yield self.model
@@ -281,40 +336,34 @@ class HybridEngine:
             t2 = time.perf_counter()
         finally:
             t_exit = time.perf_counter()
-            if self.sharded and not generate_override:
-                self.model.__dict__.pop("generate", None)
-            if merge is not None:
-                merge.restore()
-            if groups is not None:
-                groups.remove()
-            if gathered is not None:
-                _release(gathered)
-            if hooks is not None:
-                hooks.restore()
-            mode.restore()
+            undo.close()
         _sync_device()
         t3 = time.perf_counter()
         self.last_timings = {"gather_s": t1 - t0, "generate_s": t2 - t1, "release_s": t3 - t_exit}
         if groups is not None:
             self.last_timings["group_gathers"] = groups.gathers
 
-    def _enter_sharded(self):
-        """Detach the ZeRO hooks and gather the weights (all, or all but the layers in group mode)."""
+    def _enter_sharded(self, undo: ExitStack) -> Optional[_GroupGather]:
+        """Detach the ZeRO hooks and gather the weights (all, or all but the layers in group mode);
+        register the matching restore actions on `undo`."""
         params = list(self.module.parameters())
         if any(p.ds_status == ZeroParamStatus.INFLIGHT for p in params):
             self.offload.partition_all_parameters()  # wait for and drop a prefetch left in flight
-        handles = [*self.offload.forward_hooks, *self.offload.backward_hooks, self.offload.fwd_pre_hook]
-        hooks = _DetachedHooks(handles)
-        try:
-            if self.layers_per_group is None:
-                return hooks, _gather(params), None
-            layers = _layer_stack(self.model)
-            in_layers = {id(p) for p in layers.parameters()}
-            gathered = _gather([p for p in params if id(p) not in in_layers])
-            return hooks, gathered, _GroupGather(layers, self.layers_per_group)
-        except BaseException:
-            hooks.restore()
-            raise
+        handles = [*self.offload.forward_hooks, *self.offload.backward_hooks, self.offload.fwd_pre_hook,
+                   *self.engine_hooks]
+        undo.callback(_DetachedHooks(handles).restore)
+        undo.callback(_PlainParameterDicts(self.module).restore)
+        if self.layers_per_group is None:
+            gathered = _gather(params)
+            undo.callback(_release, gathered)
+            return None
+        layers = _layer_stack(self.model)
+        in_layers = {id(p) for p in layers.parameters()}
+        gathered = _gather([p for p in params if id(p) not in in_layers])
+        undo.callback(_release, gathered)
+        groups = _GroupGather(layers, self.layers_per_group)
+        undo.callback(groups.remove)
+        return groups
 
     def _default_synced_gpus(self, synced: bool) -> None:
         """HF turns `synced_gpus` on for any ZeRO-3 run (a collective per token). Gathered weights need
@@ -327,8 +376,7 @@ class HybridEngine:
                 kwargs.setdefault("synced_gpus", synced)
             return original(*args, **kwargs)
 
-        if "generate" not in self.model.__dict__:
-            self.model.generate = generate
+        self.model.generate = generate
 
 
 def inference(actor, **kwargs):

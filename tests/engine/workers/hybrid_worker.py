@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from engine.hybrid import HybridEngine
+from engine.hybrid import HybridEngine, original_linear
 
 NEW_TOKENS = 16
 
@@ -107,6 +107,12 @@ def hook_ids(module) -> list:
     return [(tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for m in module.modules()]
 
 
+def deepspeed_hooks(module) -> int:
+    """Forward hooks defined by DeepSpeed code (ZeRO-3 fetch/release, engine bookkeeping)."""
+    hooks = [h for m in module.modules() for d in (m._forward_pre_hooks, m._forward_hooks) for h in d.values()]
+    return sum(getattr(h, "__module__", "").startswith("deepspeed") for h in hooks)
+
+
 def train_step(engine, batch) -> float:
     loss = engine(input_ids=batch, labels=batch).loss
     engine.backward(loss)
@@ -120,18 +126,20 @@ def check_round_trip(engine, ids, mask, reference, **hybrid_kw) -> dict:
     before = dict(shards=shards(module), optim=optimizer_tensors(engine), hooks=hook_ids(module),
                   training=[m.training for m in module.modules()], ckpt=module.is_activation_checkpointing,
                   use_cache=module.config.use_cache)
-    ref_out, ref_logits = greedy(reference, ids, mask), reference(ids, attention_mask=mask).logits
+    with original_linear():  # the reference runs as it would in a process without ZeRO-3
+        ref_out, ref_logits = greedy(reference, ids, mask), reference(ids, attention_mask=mask).logits
     hybrid = HybridEngine(engine, **hybrid_kw)
     with hybrid.inference() as model:
         inside = dict(training=model.training, ckpt=model.is_activation_checkpointing,
                       use_cache=model.config.use_cache,
-                      hooks=sum(len(a) + len(b) for a, b in hook_ids(module)))
+                      hooks=sum(len(a) + len(b) for a, b in hook_ids(module)),
+                      deepspeed_hooks=deepspeed_hooks(module))
         out = greedy(model, ids, mask)
         logits = model(ids, attention_mask=mask).logits
     return dict(
         tokens_equal=torch.equal(out, ref_out), logits_equal=torch.equal(logits, ref_logits),
         new_tokens=out.shape[1] - ids.shape[1], inside=inside,
-        hooks_before=sum(len(a) + len(b) for a, b in before["hooks"]),
+        hooks_before=sum(len(a) + len(b) for a, b in before["hooks"]), deepspeed_hooks_after=deepspeed_hooks(module),
         shards_same=same(before["shards"], shards(module)), optim_same=same(before["optim"], optimizer_tensors(engine)),
         hooks_same=before["hooks"] == hook_ids(module),
         training_same=before["training"] == [m.training for m in module.modules()],
