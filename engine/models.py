@@ -1,0 +1,339 @@
+"""Load the tokenizer, the policy (causal LM) and scalar models (critic / reward) from a recipe.
+
+``ModelConfig.name_or_path`` may be a preset (see ``engine.presets``), a local Hugging Face
+folder, a ``.gguf`` file (dequantised once into the cache), or a hub id (online, or offline from
+the Hugging Face cache). Everything ends in ``from_pretrained`` on a folder, so the loaders also
+work inside DeepSpeed ZeRO-3 (transformers' ``HfDeepSpeedConfig`` integration partitions the
+parameters at construction and initialises missing ones, like a fresh value head, gathered).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          PretrainedConfig, PreTrainedModel)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from engine.config import ModelConfig
+from engine.presets import PRESETS, cache_root, cached_folder, convert_gguf, gguf_cache_key, list_presets, use_distinct_pad
+
+__all__ = ["PRESETS", "ResolvedModel", "ScalarModel", "dtype_of", "is_encoder", "list_presets", "load_policy",
+           "load_scalar_model", "load_tokenizer", "resolve_model_path"]
+
+DType = Union[torch.dtype, str, None]  # loaders accept a torch dtype or a recipe name ('bf16')
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """'fp32' | 'bf16' | 'fp16' -> torch dtype."""
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype '{name}': expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------
+# where a model comes from
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: str  # local folder (or, online and not cached, a hub id) for from_pretrained
+    gguf_file: Optional[str]  # only for GGUF files inside a hub repo fetched online; else None
+    tokenizer_path: str  # folder or hub id of the tokenizer
+    source: str  # "preset" | "folder" | "gguf" | "hub"
+
+
+def _offline() -> bool:
+    import huggingface_hub.constants as hub_constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return hub_constants.HF_HUB_OFFLINE or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _not_found(name: str, why: str) -> ValueError:
+    hint = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.6)
+    return ValueError(
+        f"model '{name}' {why}. Download it on a machine with network (`hf download {name}`, formerly "
+        f"`huggingface-cli download`) or set model.name_or_path to a local folder."
+        + (f" Did you mean the preset '{hint[0]}'?" if hint else "")
+        + f" Presets: {', '.join(PRESETS)}.")
+
+
+def _gguf_folder(gguf: Path, root: Path) -> str:
+    if not gguf.is_file():
+        raise ValueError(f"GGUF file not found: {gguf} (model.name_or_path / model.gguf_file)")
+    return str(cached_folder(root, gguf_cache_key(gguf), lambda out: convert_gguf(gguf, out), f"GGUF {gguf}"))
+
+
+def _resolve_source(name: str, gguf_file: Optional[str], revision: Optional[str], root: Path) -> tuple[str, Optional[str], str]:
+    """(path, gguf_file, source) for one name: preset, .gguf, folder or hub id."""
+    if name in PRESETS:
+        return str(PRESETS[name].materialize(root)), None, "preset"
+    local = Path(name).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        return _gguf_folder(local, root), None, "gguf"
+    if local.is_dir():
+        if gguf_file:
+            return _gguf_folder(local / gguf_file, root), None, "gguf"
+        if not (local / "config.json").is_file():
+            raise ValueError(f"model folder {local} has no config.json: expected a Hugging Face model folder "
+                             "(config.json + weights + tokenizer) or set model.gguf_file to a .gguf file in it")
+        return str(local), None, "folder"
+    if name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or name.count("/") > 1:
+        raise ValueError(f"model path '{name}' does not exist (model.name_or_path); presets: {', '.join(PRESETS)}")
+    return _resolve_hub(name, gguf_file, revision, root)
+
+
+def _resolve_hub(name: str, gguf_file: Optional[str], revision: Optional[str], root: Path):
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    offline = _offline()
+    try:
+        cached = try_to_load_from_cache(name, gguf_file or "config.json", revision=revision)
+    except HFValidationError:
+        raise ValueError(f"model '{name}' is not a preset, not a local folder and not a valid hub id "
+                         f"(model.name_or_path). Presets: {', '.join(PRESETS)}.") from None
+    if isinstance(cached, str):  # in the HF cache: use the snapshot folder, no network needed
+        if gguf_file:
+            return _gguf_folder(Path(cached), root), None, "gguf"
+        return str(Path(cached).parent), None, "hub"
+    if offline:
+        raise _not_found(name, "is not a preset, not a local folder and not in the Hugging Face cache (offline)")
+    if gguf_file:
+        return _gguf_folder(Path(hf_hub_download(name, gguf_file, revision=revision)), root), None, "gguf"
+    return name, None, "hub"  # from_pretrained downloads it
+
+
+def resolve_model_path(cfg: ModelConfig, cache_dir: Optional[str] = None) -> ResolvedModel:
+    """Turn ``cfg.name_or_path`` (+ ``gguf_file``, ``tokenizer``) into folders ready for from_pretrained.
+
+    Builds the preset / GGUF conversion cache on first use (under ``cache_root(cache_dir)``).
+    Raises ValueError naming the key and the fix when the model cannot be found.
+    """
+    root = cache_root(cache_dir)
+    path, gguf, source = _resolve_source(cfg.name_or_path, cfg.gguf_file, cfg.revision, root)
+    tokenizer_path = path
+    if cfg.tokenizer and cfg.tokenizer != cfg.name_or_path:
+        tokenizer_path = _resolve_source(cfg.tokenizer, None, cfg.revision, root)[0]
+    return ResolvedModel(path=path, gguf_file=gguf, tokenizer_path=tokenizer_path, source=source)
+
+
+# --------------------------------------------------------------------------------------------
+# architecture and options
+def is_encoder(config: PretrainedConfig) -> bool:
+    """True for bidirectional encoders (BERT-like: they have a masked-LM head class), by model type."""
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+
+
+def _check_attn(cfg: ModelConfig) -> None:
+    if cfg.attn_implementation != "flash_attention_2":
+        return
+    missing = [why for why, ok in (("CUDA", torch.cuda.is_available()),
+                                   ("the flash-attn package", importlib.util.find_spec("flash_attn") is not None))
+               if not ok]
+    if missing:
+        raise ValueError(f"model.attn_implementation 'flash_attention_2' needs {' and '.join(missing)}, which "
+                         "this machine lacks; use 'sdpa' (the default, fast on CPU and GPU) or 'eager'")
+
+
+def _load_kwargs(cfg: ModelConfig, resolved: ResolvedModel, dtype: DType) -> dict:
+    dtype = dtype_of(dtype) if isinstance(dtype, str) else dtype
+    kwargs = dict(dtype=dtype or dtype_of(cfg.dtype), attn_implementation=cfg.attn_implementation,
+                  trust_remote_code=cfg.trust_remote_code)
+    if resolved.source == "hub":
+        kwargs["revision"] = cfg.revision
+    if resolved.gguf_file:
+        kwargs["gguf_file"] = resolved.gguf_file
+    return kwargs
+
+
+def _model_config(cfg: ModelConfig, resolved: ResolvedModel) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(resolved.path, trust_remote_code=cfg.trust_remote_code,
+                                      revision=cfg.revision if resolved.source == "hub" else None)
+
+
+def _lora(cfg: ModelConfig, task_type: str, model: PreTrainedModel):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    lora = cfg.lora
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=lora.target_modules, task_type=task_type)
+    model = get_peft_model(model, peft_cfg)
+    _reinit_partitioned_lora(model, peft_cfg.init_lora_weights)
+    return model
+
+
+def _reinit_partitioned_lora(model: nn.Module, init_lora_weights) -> None:
+    """Redo peft's adapter init (B = 0) on gathered weights when ZeRO-3 partitioned them at construction.
+
+    Inside zero.Init the adapters are partitioned as they are built, so peft's in-place init hits
+    empty shards and B would keep a random init (the adapted model would not start equal to the base).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    partitioned = [p for n, p in model.named_parameters() if "lora_" in n and hasattr(p, "ds_id")]
+    if not partitioned:
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for adapter in module.lora_A:
+                    module.reset_lora_parameters(adapter, init_lora_weights)
+
+
+def _set_pad(model: PreTrainedModel, pad_token_id: int) -> None:
+    model.config.pad_token_id = pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = pad_token_id
+
+
+# --------------------------------------------------------------------------------------------
+# loaders
+def load_tokenizer(cfg: ModelConfig, cache_dir: Optional[str] = None):
+    """Tokenizer of ``cfg`` with a pad token distinct from EOS and ``padding_side='left'``."""
+    resolved = resolve_model_path(cfg, cache_dir)
+    kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file and resolved.tokenizer_path == resolved.path else {}
+    tokenizer = AutoTokenizer.from_pretrained(resolved.tokenizer_path, trust_remote_code=cfg.trust_remote_code,
+                                              revision=cfg.revision if resolved.source == "hub" else None, **kwargs)
+    use_distinct_pad(tokenizer)
+    tokenizer.padding_side = "left"  # generation appends on the right
+    return tokenizer
+
+
+def load_policy(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtype: DType = None,
+                for_training: bool = True) -> PreTrainedModel:
+    """AutoModelForCausalLM for ``cfg``; with ``for_training``, gradient checkpointing and LoRA as configured.
+
+    ``for_training=False`` (reference model) returns it in eval mode with gradients off.
+    With LoRA the result is a peft ``PeftModel`` whose only trainable parameters are the adapters.
+    """
+    _check_attn(cfg)
+    resolved = resolve_model_path(cfg, cache_dir)
+    config = _model_config(cfg, resolved)
+    known_causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "auto_map", None)
+    if is_encoder(config) or not known_causal:
+        raise ValueError(f"model.name_or_path '{cfg.name_or_path}' is a '{config.model_type}' model, not a causal "
+                         "language model; the policy needs one (e.g. smollm2-135m-instruct or tiny-llama)")
+    model = AutoModelForCausalLM.from_pretrained(resolved.path, **_load_kwargs(cfg, resolved, dtype))
+    _set_pad(model, load_tokenizer(cfg, cache_dir).pad_token_id)
+    if not for_training:
+        return model.eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora is not None:
+        model = _lora(cfg, "CAUSAL_LM", model)
+    return model
+
+
+def load_scalar_model(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtype: DType = None,
+                      init_head_seed: Optional[int] = None) -> "ScalarModel":
+    """Backbone + scalar head (critic or reward) as a ``ScalarModel``.
+
+    A causal-LM folder gives its backbone weights and a freshly initialised head; with
+    ``init_head_seed`` that head is the same on every rank and run (the caller's RNG is untouched).
+    A saved ScalarModel (``hf_model.save_pretrained``) reloads its trained head.
+    """
+    _check_attn(cfg)
+    resolved = resolve_model_path(cfg, cache_dir)
+    encoder = is_encoder(_model_config(cfg, resolved))
+    with torch.random.fork_rng(devices=[], enabled=init_head_seed is not None):
+        if init_head_seed is not None:
+            torch.manual_seed(init_head_seed)
+        hf_model = AutoModelForSequenceClassification.from_pretrained(
+            resolved.path, num_labels=1, **_load_kwargs(cfg, resolved, dtype))
+    _set_pad(hf_model, load_tokenizer(cfg, cache_dir).pad_token_id)
+    if cfg.gradient_checkpointing:
+        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora is not None:
+        hf_model = _lora(cfg, "SEQ_CLS", hf_model)  # SEQ_CLS keeps the head fully trainable
+    return ScalarModel(hf_model, encoder=encoder)
+
+
+# --------------------------------------------------------------------------------------------
+class ScalarModel(nn.Module):
+    """A sequence-classification model (num_labels=1) read as per-token values or one score.
+
+    ``hf_model`` is the underlying ``AutoModelForSequenceClassification`` (or its peft wrapper),
+    so ``hf_model.save_pretrained`` exports a standard reward model. Causal backbones score at
+    the last non-pad token, encoders at the first ([CLS]) token; both accept left or right padding.
+    """
+
+    def __init__(self, hf_model: nn.Module, encoder: bool):
+        super().__init__()
+        self.hf_model = hf_model
+        self.encoder = encoder
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.hf_model.config
+
+    def _base(self) -> PreTrainedModel:
+        return self.hf_model.get_base_model() if hasattr(self.hf_model, "get_base_model") else self.hf_model
+
+    def _head(self) -> nn.Module:
+        base = self._base()
+        for name in ("score", "classifier"):  # causal seq-cls heads are `score`, encoders' `classifier`
+            if hasattr(base, name):
+                return getattr(base, name)
+        raise TypeError(f"{type(base).__name__} has no `score` or `classifier` head")
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-token scalar of a causal backbone: [B, T] ids and mask -> [B, T] float32 (0 at padding).
+
+        Position ids default to the count of real tokens before each position, so left padding
+        does not shift positions.
+        """
+        if self.encoder:
+            raise ValueError("per-token values need a causal LM backbone (critic); this ScalarModel is an encoder")
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self._base().base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids, use_cache=False).last_hidden_state
+        values = self._head()(hidden).squeeze(-1).float()
+        return values.masked_fill(attention_mask == 0, 0.0)
+
+    def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One score per sequence: [B, T] ids and mask -> [B] float32.
+
+        Causal: the value at the last non-pad token. Encoder: the classifier on [CLS]; rows are
+        moved to right padding first so [CLS] is at position 0.
+        """
+        if self.encoder:
+            input_ids, attention_mask = _to_right_padding(input_ids, attention_mask)
+            return self.hf_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        values = self.values(input_ids, attention_mask)
+        last = last_token_index(attention_mask)
+        return values.gather(1, last[:, None]).squeeze(1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: Optional[torch.Tensor] = None, per_token: bool = False) -> torch.Tensor:
+        """``scores`` ([B]); with ``per_token=True`` the critic's ``values`` ([B, T]).
+
+        Going through forward (not .values directly) lets a DeepSpeed engine wrap the call.
+        """
+        if per_token:
+            return self.values(input_ids, attention_mask, position_ids)
+        return self.scores(input_ids, attention_mask)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] mask -> [B] index of the last real token (left or right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(-1)
+
+
+def _to_right_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate each row so its real tokens start at position 0 ([B, T] -> [B, T])."""
+    leading_pads = (attention_mask.long().cumsum(-1) == 0).sum(-1)  # [B]
+    cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    index = (cols[None, :] + leading_pads[:, None]) % attention_mask.shape[1]
+    return input_ids.gather(1, index), attention_mask.gather(1, index)
