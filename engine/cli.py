@@ -1,4 +1,4 @@
-"""`rlhf-engine` command line: train, validate, presets (export and bench join later).
+"""`rlhf-engine` command line: train, validate, export, presets.
 
 Thin on purpose: every command parses a recipe (or a run folder) and calls one library function.
 Settings live in the recipe, not in flags: `--set a.b.c=value` overrides any recipe key.
@@ -55,6 +55,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from engine.checkpoint import export_run, hub_preflight, push_to_hub
+
+    if args.push_to_hub:
+        hub_preflight(args.push_to_hub)  # token and endpoint first: fail before any export work
+    out = export_run(args.run_dir, args.out, step=args.step, which=args.which, merge_lora=args.merge_lora,
+                     overwrite=args.overwrite)
+    print(f"exported {out}")
+    if args.push_to_hub:
+        print(f"pushed {out} -> {push_to_hub(out, args.push_to_hub, private=args.private, revision=args.revision)}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-engine", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +81,18 @@ def main(argv=None) -> int:
     _add_recipe_args(p)
     p.add_argument("--world-size", type=int, default=0, help="also check batch sizes divide for this many ranks")
     p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("export", help="write a Hugging Face model folder from a run's checkpoint (and push it)")
+    p.add_argument("run_dir", help="run folder (<output_dir>/<name>) holding checkpoints/")
+    p.add_argument("--out", required=True, help="folder to create (must not exist or be empty; see --overwrite)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--which", default=None, help="engine: actor (default), critic, model, or reward (a reward run)")
+    p.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into the weights")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the folder to this hub repo")
+    p.add_argument("--private", action="store_true", help="create the hub repo private")
+    p.add_argument("--revision", default=None, help="hub branch to push to (created if missing)")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("presets", help="list the named model presets")
     p.set_defaults(fn=cmd_presets)
