@@ -144,6 +144,7 @@ class GenerationSection(Section):
     top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
     do_sample: bool = Field(True, description="Sample (true) or greedy (false).")
     stop_strings: list[str] = Field(default_factory=list, description="Stop a response at any of these strings.")
+    ignore_eos: bool = Field(False, description="Always generate max_new_tokens; tokens after EOS count too.")
 
 
 class PPOConfig(Section):
@@ -175,6 +176,15 @@ class PPOConfig(Section):
         if self.algorithm in ("grpo", "rloo") and self.group_size < 2:
             raise ValueError(f"ppo.algorithm '{self.algorithm}' needs ppo.group_size >= 2")
         return self
+
+
+class SFTSection(Section):
+    pack: bool = Field(False, description="SFT: pack several rows into each micro-batch row (sequences kept apart).")
+
+
+class RewardModelSection(Section):
+    center_coef: float = Field(
+        0.0, ge=0, description="Reward model: weight of the centering term (s_chosen + s_rejected)^2.")
 
 
 class HybridConfig(Section):
@@ -225,6 +235,9 @@ class Recipe(Section):
     generation: GenerationSection = Field(default_factory=GenerationSection, description="Sampling.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="RL loop settings (PPO, GRPO, RLOO, REINFORCE++).")
     hybrid: HybridConfig = Field(default_factory=HybridConfig, description="Hybrid engine.")
+    sft: SFTSection = Field(default_factory=SFTSection, description="SFT stage settings.")
+    reward_model: RewardModelSection = Field(default_factory=RewardModelSection,
+                                             description="Reward-model stage settings.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, samples, wandb.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
 

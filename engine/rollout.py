@@ -96,7 +96,7 @@ def generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     R = gen.max_new_tokens
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     kwargs = dict(max_new_tokens=R, min_new_tokens=gen.min_new_tokens, do_sample=gen.do_sample,
-                  pad_token_id=pad, eos_token_id=eos, use_cache=True)
+                  pad_token_id=pad, eos_token_id=None if gen.ignore_eos else eos, use_cache=True)
     if gen.do_sample:
         kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
     else:
@@ -109,6 +109,8 @@ def generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
         outs.append(torch.nn.functional.pad(out, (0, R - out.shape[1]), value=pad))
     response_ids = torch.cat(outs).to(prompt_ids.device)
+    if gen.ignore_eos:  # fixed-length responses (benchmarks, TRL's stop_token=None): every token counts
+        return response_ids, torch.ones_like(response_ids, dtype=torch.float32), (response_ids == eos).any(1)
     ended = None
     if gen.stop_strings:
         ended = ~(response_ids == eos).any(1) & (response_ids[:, -1] == pad)
