@@ -22,7 +22,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from engine.config import ModelConfig
-from engine.presets import PRESETS, cache_root, cached_folder, convert_gguf, gguf_cache_key, list_presets, use_distinct_pad
+from engine.presets import (PRESETS, cache_root, cached_folder, convert_gguf, gguf_cache_key, list_presets,
+                            use_distinct_pad)
 
 __all__ = ["PRESETS", "ResolvedModel", "ScalarModel", "dtype_of", "is_encoder", "list_presets", "load_policy",
            "load_scalar_model", "load_tokenizer", "resolve_model_path"]
@@ -70,7 +71,8 @@ def _gguf_folder(gguf: Path, root: Path) -> str:
     return str(cached_folder(root, gguf_cache_key(gguf), lambda out: convert_gguf(gguf, out), f"GGUF {gguf}"))
 
 
-def _resolve_source(name: str, gguf_file: Optional[str], revision: Optional[str], root: Path) -> tuple[str, Optional[str], str]:
+def _resolve_source(name: str, gguf_file: Optional[str], revision: Optional[str],
+                    root: Path) -> tuple[str, Optional[str], str]:
     """(path, gguf_file, source) for one name: preset, .gguf, folder or hub id."""
     if name in PRESETS:
         return str(PRESETS[name].materialize(root)), None, "preset"
@@ -200,7 +202,8 @@ def _set_pad(model: PreTrainedModel, pad_token_id: int) -> None:
 def load_tokenizer(cfg: ModelConfig, cache_dir: Optional[str] = None):
     """Tokenizer of ``cfg`` with a pad token distinct from EOS and ``padding_side='left'``."""
     resolved = resolve_model_path(cfg, cache_dir)
-    kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file and resolved.tokenizer_path == resolved.path else {}
+    same_source = resolved.gguf_file and resolved.tokenizer_path == resolved.path
+    kwargs = {"gguf_file": resolved.gguf_file} if same_source else {}
     tokenizer = AutoTokenizer.from_pretrained(resolved.tokenizer_path, trust_remote_code=cfg.trust_remote_code,
                                               revision=cfg.revision if resolved.source == "hub" else None, **kwargs)
     use_distinct_pad(tokenizer)

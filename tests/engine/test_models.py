@@ -67,8 +67,9 @@ def test_smollm2_chat_generates_english():
 def test_tiny_llama_preset_generates_and_is_deterministic():
     resolved = resolve_model_path(TINY)
     config = json.loads((Path(resolved.path) / "config.json").read_text())
-    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
-            config["num_key_value_heads"], config["intermediate_size"], config["vocab_size"]) == (2, 64, 4, 2, 128, 49152)
+    sizes = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+             "vocab_size")
+    assert [config[k] for k in sizes] == [2, 64, 4, 2, 128, 49152]
     tokenizer = load_tokenizer(TINY)
     assert len(tokenizer) == 49152 and tokenizer.pad_token_id == 0 and tokenizer.chat_template
     policy = load_policy(TINY, for_training=False)
@@ -83,7 +84,8 @@ def test_tiny_llama_rebuild_in_fresh_cache_has_same_weights(tmp_path):
     os.symlink(resolve_model_path(SMOL).path, tmp_path / "models" / "smollm2-135m-instruct")
     fresh = resolve_model_path(TINY, cache_dir=str(tmp_path)).path
     shared = resolve_model_path(TINY).path
-    with safe_open(Path(fresh) / "model.safetensors", "pt") as a, safe_open(Path(shared) / "model.safetensors", "pt") as b:
+    with safe_open(Path(fresh) / "model.safetensors", "pt") as a, \
+            safe_open(Path(shared) / "model.safetensors", "pt") as b:
         assert sorted(a.keys()) == sorted(b.keys())
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
