@@ -45,13 +45,14 @@ def cmd_train(args) -> int:
     if args.nproc > 1:
         derive_batch_sizes(recipe, args.nproc)
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), str(WORKER),
-               args.recipe, *[f"--set={o}" for o in args.overrides]]
+               args.recipe, *[f"--set={o}" for o in args.overrides],
+               *([f"--resume={args.resume}"] if args.resume else [])]
         print("[launch] " + " ".join(cmd), file=sys.stderr, flush=True)
         return subprocess.call(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
             filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
     from engine.worker import run
 
-    run(recipe)
+    run(recipe, resume=args.resume)
     return 0
 
 
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("train", help="run a recipe (SFT, reward model or RL)")
     _add_recipe_args(p)
     p.add_argument("--nproc", type=int, default=1, help="ranks on this machine (>1 starts the deepspeed launcher)")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from the newest checkpoint of the run folder (auto) or from PATH")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("validate", help="check a recipe and print it resolved (exit code 2 on errors)")

@@ -56,6 +56,17 @@ class Tracker:
             f = self._files[name] = open(self.run_dir / name, "a", buffering=1)
         f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
 
+    def drop_after(self, step: int) -> None:
+        """On resume: forget lines logged after the checkpoint's step (they are computed again)."""
+        if not self.is_main:
+            return
+        for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
+            path = self.run_dir / name
+            if path.exists():
+                keep = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= step]
+                path.write_text("".join(line + "\n" for line in keep))
+
     def log_metrics(self, step: int, metrics: dict) -> None:
         """One line of metrics.jsonl (and wandb) for `step`."""
         self._append("metrics.jsonl", {"step": step, **metrics})

@@ -17,6 +17,7 @@ import torch
 
 import kernels
 from engine import rl
+from engine.checkpoint import CheckpointManager
 from engine.config import Recipe, derive_batch_sizes
 from engine.data import collate_prompts, load_prompts
 from engine.distributed import (DistInfo, all_reduce_mean, barrier, create_frozen_engine, create_train_engine,
@@ -109,14 +110,17 @@ def _micro_slices(rows: torch.Tensor, micro: int):
     return [rows[i:i + micro] for i in range(0, len(rows), micro)]
 
 
-def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None) -> dict:
-    """Run the RL stage of `recipe`; returns a summary (scores before/after, KL, paths)."""
+def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[str] = None) -> dict:
+    """Run the RL stage of `recipe`; returns a summary (scores before/after, KL, paths).
+
+    `resume`: "auto" (newest checkpoint of the run folder, if any) or a checkpoint path.
+    """
     dist = dist or init_distributed(recipe.num_threads)
     sizes = derive_batch_sizes(recipe, dist.world_size)
     ppo, gen, tcfg = recipe.ppo, recipe.generation, recipe.train
     torch.manual_seed(recipe.seed)  # identical initialisation on every rank
     run_dir = run_dir_for(recipe)
-    if dist.is_main:
+    if dist.is_main and not resume:
         moved = archive_previous_run(run_dir)
         if moved:
             print(f"[run] an earlier run in {run_dir} was moved to {moved}", flush=True)
@@ -172,11 +176,30 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None) -> dict:
         return {**out, "samples": list(zip(raw, r.responses[:3], r.scores[:3].tolist()))}
 
     torch.manual_seed(recipe.seed + dist.rank)  # sampling RNG: independent of how models were built
-    before = evaluate(0)
-    if dist.is_main:
-        print(f"[eval] step 0: score {before['score/mean']:.4f}", flush=True)
+    ckpt = CheckpointManager(run_dir, recipe.checkpoint.keep_last, is_main=dist.is_main, tokenizer=tokenizer)
+    engines = {"actor": models.actor, **({"critic": models.critic} if models.critic is not None else {})}
+    start, before = 1, None
+    resume_from = ckpt.resolve(resume) if resume else None
+    if resume_from is not None:  # restores weights, optimizers, LR schedules and this rank's RNG
+        state = ckpt.load(resume_from, engines)
+        start, before = state["step"] + 1, state["before"]
+        sampler.load_state_dict(state["sampler"])
+        kl_ctl.load_state_dict(state["kl_controller"])
+        score_stats.load_state_dict(state["score_stats"])
+        tracker.drop_after(state["step"])
+        if dist.is_main:
+            print(f"[resume] from {resume_from} (step {state['step']})", flush=True)
+    if before is None:
+        before = evaluate(0)
+        if dist.is_main:
+            print(f"[eval] step 0: score {before['score/mean']:.4f}", flush=True)
+
+    def save(step: int) -> None:
+        ckpt.save(step, engines, {"sampler": sampler.state_dict(), "kl_controller": kl_ctl.state_dict(),
+                                  "score_stats": score_stats.state_dict(), "before": before})
+
     t_start = time.perf_counter()
-    for step in range(1, tcfg.steps + 1):
+    for step in range(start, tcfg.steps + 1):
         t_step = time.perf_counter()
         # ---- 1-2. generate and score -------------------------------------------------------------
         global_idx = sampler.next_batch()
@@ -229,6 +252,9 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None) -> dict:
                          f"{metrics['tokens_per_s']:.0f} tok/s  {step_s:.1f}s/step")
         if tcfg.eval_every and step % tcfg.eval_every == 0 and step != tcfg.steps:
             evaluate(step)
+        every = recipe.checkpoint.save_every
+        if (every and step % every == 0) or (step == tcfg.steps and recipe.checkpoint.save_final):
+            save(step)
 
     after = evaluate(tcfg.steps)
     barrier()

@@ -11,7 +11,7 @@ import sys
 from engine.config import Recipe, RecipeError, load_recipe
 
 
-def run(recipe: Recipe) -> dict:
+def run(recipe: Recipe, resume: str | None = None) -> dict:
     """Run the recipe's stage on this rank; the main rank prints the summary."""
     from engine.distributed import init_distributed
 
@@ -19,7 +19,7 @@ def run(recipe: Recipe) -> dict:
     if recipe.stage == "rl":
         from engine.trainer import train_rl
 
-        summary = train_rl(recipe, dist)
+        summary = train_rl(recipe, dist, resume=resume)
     elif recipe.stage == "sft":
         from engine.sft import train_sft
 
@@ -62,10 +62,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="per-rank training entry (run by the deepspeed launcher)")
     parser.add_argument("recipe")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--resume", default=None, help="'auto' or a checkpoint folder")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
     try:
-        run(load_recipe(args.recipe, args.overrides))
+        run(load_recipe(args.recipe, args.overrides), resume=args.resume)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
