@@ -11,15 +11,16 @@ model all-gather plus Python hook overhead (~10x slower than unsharded, even ins
 How (architecture-agnostic, exact; no injected kernels, no second model):
 1. mode switch: eval mode, KV cache on, gradient-checkpointing flags off (each module's own flags
    are saved and restored, so mixed train/eval submodules come back exactly as they were);
-2. the DeepSpeedEngine's per-forward hooks (timers, profiler) are detached; ZeRO-3 also has its
-   forward/backward hooks taken out of the module hook dicts (the
-   very same hook objects are put back, in their original order, on exit) and every partitioned
-   parameter is all-gathered *in place* (``param.all_gather``). Generation then runs the plain
-   PyTorch forward on full weights: the same ops as an unsharded model, so the same tokens;
-3. LoRA (peft): adapters are merged into the (gathered) base weights for generation. On exit they
+2. hooks off: the DeepSpeedEngine's per-forward bookkeeping hooks (timers, profiler) and, for
+   ZeRO-3, the fetch/release hooks are taken out of the module hook dicts (the very same hook
+   objects go back, in their original order, on exit);
+3. ZeRO-3: every partitioned parameter is all-gathered *in place* (``param.all_gather``).
+   Generation then runs the plain PyTorch forward on full weights: the same ops as an unsharded
+   model, so the same tokens;
+4. LoRA (peft): adapters are merged into the (gathered) base weights for generation. On exit they
    are unmerged; for ZeRO-3 the gathered copies are simply discarded (the shards ``ds_tensor`` were
    never touched), for stages 0-2 the base weights are restored from a saved copy, bit for bit;
-4. exit: parameters we gathered are re-partitioned with ``has_been_updated=False`` (the gathered
+5. exit: parameters we gathered are re-partitioned with ``has_been_updated=False`` (the gathered
    memory is freed, the shards and the optimizer state are untouched), hooks and flags restored.
 
 We chose in-place gathering over an "inference copy" (a second, unsharded module filled from the
@@ -37,7 +38,8 @@ ZeRO-3 also swaps `torch.nn.functional.linear` for a memory-saving autograd wrap
 and permanently; inside the context the real function is back (see `original_linear`), so every
 model generates at the speed it would have in a process without ZeRO-3.
 
-Stages 0-2: only the mode switch and the LoRA merge happen (near-zero cost).
+Stages 0-2: mode switch, engine hooks off, LoRA merge (near-zero cost; with LoRA, a copy of the
+adapted base weights is held while generating so they can be restored exactly).
 Timings of the last round trip are in ``HybridEngine.last_timings``: gather_s (entry: hooks off,
 gather, merge), generate_s (time spent inside the ``with`` body), release_s (exit).
 """
@@ -319,10 +321,9 @@ class HybridEngine:
             undo.callback(_ModeSwitch(self.module, self.model).restore)
             if self.enabled:
                 undo.enter_context(original_linear())
-                if not self.sharded:
-                    undo.callback(_DetachedHooks(self.engine_hooks).restore)
-            if self.sharded and self.enabled:
-                groups = self._enter_sharded(undo)
+                undo.callback(_DetachedHooks(self.engine_hooks).restore)
+                if self.sharded:
+                    groups = self._enter_sharded(undo)
             lora = _lora_layers(self.module)
             if lora and self.enabled and groups is None:
                 undo.callback(_LoraMerge(lora, backup=not self.sharded).restore)
@@ -349,8 +350,7 @@ class HybridEngine:
         params = list(self.module.parameters())
         if any(p.ds_status == ZeroParamStatus.INFLIGHT for p in params):
             self.offload.partition_all_parameters()  # wait for and drop a prefetch left in flight
-        handles = [*self.offload.forward_hooks, *self.offload.backward_hooks, self.offload.fwd_pre_hook,
-                   *self.engine_hooks]
+        handles = [*self.offload.forward_hooks, *self.offload.backward_hooks, self.offload.fwd_pre_hook]
         undo.callback(_DetachedHooks(handles).restore)
         undo.callback(_PlainParameterDicts(self.module).restore)
         if self.layers_per_group is None:
