@@ -170,6 +170,8 @@ class PPOConfig(Section):
     missing_eos_penalty: Optional[float] = Field(None, description="Added to the score of responses with no EOS.")
     ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="Keep an EMA copy of the actor.")
     ptx_coef: float = Field(0.0, ge=0, description="Weight of the pretraining (SFT) loss mixed into updates.")
+    fuse_scoring: bool = Field(
+        True, description="With 1 epoch x 1 mini-batch, take old log-probs/values from the update's own forward.")
 
     @model_validator(mode="after")
     def _groups(self):

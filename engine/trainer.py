@@ -142,8 +142,11 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
     local_prompts = sizes.local_rollout_sequences // ppo.group_size
     eval_items = _eval_items(eval_ds if eval_ds is not None and len(eval_ds) else train_ds, tcfg.eval_size, dist)
 
-    def make_rollout(items, *, with_values: bool = True) -> tuple[Rollout, dict]:
-        """Steps 1-2: generate with the hybrid engine, then score (no grad)."""
+    def make_rollout(items, *, with_values: bool = True, score_actor: bool = True) -> tuple[Rollout, dict]:
+        """Steps 1-2: generate with the hybrid engine, then score (no grad).
+
+        score_actor=False leaves logprobs and values to the update's own forward (fused scoring).
+        """
         timer = Timer()
         batch = collate_prompts(items, tokenizer.pad_token_id)
         ids, pmask = batch["input_ids"].to(dist.device), batch["attention_mask"].to(dist.device)
@@ -154,10 +157,11 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
                     tokenizer.batch_decode(resp, skip_special_tokens=True))
         seq, attn, R, mb = r.sequences, r.attention_mask, resp.shape[1], sizes.micro_batch_size
         with timer("score"), torch.no_grad():
-            for name, model in (("logprobs", models.actor), ("ref_logprobs", models.reference)):
+            scored = (("logprobs", models.actor),) if score_actor else ()
+            for name, model in scored + (("ref_logprobs", models.reference),):
                 lp = micro_batched(lambda s, a: forward_logprobs(model, s, a, R, gen.temperature), mb, seq, attn)
                 setattr(r, name, lp * rmask)
-            if with_values and models.critic is not None:
+            if with_values and score_actor and models.critic is not None:
                 r.values = micro_batched(lambda s, a: forward_values(models.critic, s, a, R), mb, seq, attn) * rmask
             r.scores = _score(reward_fn, r, seq, attn)
         return r, {**timer.times, **{f"hybrid/{k}": v for k, v in models.hybrid.last_timings.items()}}
@@ -198,6 +202,13 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
         ckpt.save(step, engines, {"sampler": sampler.state_dict(), "kl_controller": kl_ctl.state_dict(),
                                   "score_stats": score_stats.state_dict(), "before": before})
 
+    # fused scoring: with one epoch of one mini-batch the policy has not moved when the update's
+    # forward runs, so its log-probs and values ARE the rollout's: one actor and one critic pass saved.
+    # ZeRO-3 reduces a parameter's gradient once per forward/backward pair, so several forwards
+    # before the first backward are only safe with a single micro-batch per rank there.
+    one_micro = sizes.local_rollout_sequences == sizes.micro_batch_size
+    fused = (ppo.fuse_scoring and ppo.ppo_epochs == 1 and sizes.num_mini_batches == 1
+             and (recipe.deepspeed.zero_stage < 3 or one_micro))
     t_start = time.perf_counter()
     for step in range(start, tcfg.steps + 1):
         t_step = time.perf_counter()
@@ -205,8 +216,9 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
         global_idx = sampler.next_batch()
         mine = global_idx[dist.rank * local_prompts:(dist.rank + 1) * local_prompts]
         items = [train_ds[i] for i in mine for _ in range(ppo.group_size)]  # groups stay contiguous
-        r, times = make_rollout(items)
+        r, times = make_rollout(items, score_actor=not fused)
         mask = r.response_mask
+        forwards = _forward_with_grad(models, r, sizes, gen.temperature, times) if fused else None
 
         # ---- 3. shape: penalties, clipping, normalisation, per-token KL --------------------------
         scores = rl.apply_missing_eos_penalty(r.scores, r.has_eos, ppo.missing_eos_penalty)
@@ -223,7 +235,7 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
 
         # ---- 5. update: epochs x mini-batches x micro-batches -------------------------------------
         t_train = time.perf_counter()
-        stats = _update(models, r, advantages, returns, sizes, recipe, step)
+        stats = _update(models, r, advantages, returns, sizes, recipe, step, forwards)
         times["train"] = time.perf_counter() - t_train
 
         # ---- 6. KL controller, log, evaluate --------------------------------------------------------
@@ -267,8 +279,33 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
     return summary
 
 
-def _update(models: Models, r: Rollout, advantages, returns, sizes, recipe: Recipe, step: int) -> dict:
+def _forward_with_grad(models: Models, r: Rollout, sizes, temperature: float, times: dict) -> list:
+    """Fused scoring: the update's forwards (with grad) for every micro-batch, in order.
+
+    Fills r.logprobs and r.values from them (detached) and returns [(rows, logprobs, entropy, values)]
+    for `_update`; the autograd graphs stay alive until their backward (memory: activations of
+    the whole local batch, as for one big micro-batch).
+    """
+    t = time.perf_counter()
+    seq, attn, mask, R = r.sequences, r.attention_mask, r.response_mask, r.response_ids.shape[1]
+    out = []
+    for rows in _micro_slices(torch.arange(mask.shape[0]), sizes.micro_batch_size):
+        logp, entropy = forward_logprobs(models.actor, seq[rows], attn[rows], R, temperature, return_entropy=True)
+        values = forward_values(models.critic, seq[rows], attn[rows], R) if models.critic is not None else None
+        out.append((rows, logp, entropy, values))
+    r.logprobs = torch.cat([o[1].detach() for o in out]) * mask
+    if models.critic is not None:
+        r.values = torch.cat([o[3].detach() for o in out]) * mask
+    times["train_forward"] = time.perf_counter() - t
+    return out
+
+
+def _update(models: Models, r: Rollout, advantages, returns, sizes, recipe: Recipe, step: int,
+            forwards: Optional[list] = None) -> dict:
     """PPO epochs x mini-batches; each micro-batch loss is weighted so that accumulation is exact.
+
+    `forwards` (fused scoring, one epoch of one mini-batch) supplies the micro-batches' forward
+    outputs already computed by `_forward_with_grad`.
 
     DeepSpeed divides every micro-batch loss by the accumulation steps; weighting each micro-batch
     by (its tokens / the local mini-batch's tokens) x accumulation steps makes the accumulated
@@ -284,14 +321,17 @@ def _update(models: Models, r: Rollout, advantages, returns, sizes, recipe: Reci
     agg = {}
     gen_perm = torch.Generator().manual_seed(recipe.seed * 1000 + step)
     for _ in range(ppo.ppo_epochs):
-        perm = torch.randperm(local_B, generator=gen_perm)
+        perm = torch.randperm(local_B, generator=gen_perm) if forwards is None else torch.arange(local_B)
         for m in range(sizes.num_mini_batches):
             rows = perm[m * local_mini:(m + 1) * local_mini]
             mini_tokens = mask[rows].sum().clamp(min=1.0)
-            for micro in _micro_slices(rows, sizes.micro_batch_size):
+            for i, micro in enumerate(_micro_slices(rows, sizes.micro_batch_size)):
                 weight = mask[micro].sum() / mini_tokens * gas
-                logp, entropy = forward_logprobs(actor, seq[micro], attn[micro], R, gen.temperature,
-                                                 return_entropy=True)
+                if forwards is not None:
+                    _, logp, entropy, values = forwards[i]
+                else:
+                    logp, entropy = forward_logprobs(actor, seq[micro], attn[micro], R, gen.temperature,
+                                                     return_entropy=True)
                 pg_loss, pg_stats = rl.policy_loss(logp, r.logprobs[micro], advantages[micro], mask[micro],
                                                    ppo.cliprange)
                 loss = pg_loss
@@ -303,7 +343,8 @@ def _update(models: Models, r: Rollout, advantages, returns, sizes, recipe: Reci
                                   "policy/approx_kl": pg_stats["approx_kl"],
                                   "entropy": kernels.masked_mean(entropy.detach(), mask[micro])})
                 if critic is not None:
-                    values = forward_values(critic, seq[micro], attn[micro], R)
+                    if forwards is None:
+                        values = forward_values(critic, seq[micro], attn[micro], R)
                     v_loss, v_stats = rl.value_loss(values, r.values[micro], returns[micro], mask[micro],
                                                     ppo.cliprange_value)
                     critic.backward(ppo.vf_coef * v_loss * weight)

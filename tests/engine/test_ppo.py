@@ -57,3 +57,19 @@ def test_micro_batch_accumulation_is_exact(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
     # step 2's rollout is sampled from the updated actor: equal scores mean equal updates
     assert m1[1]["kl/mean"] == pytest.approx(m4[1]["kl/mean"], rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_fused_scoring_equals_a_separate_scoring_pass(tmp_path, stage):
+    """One epoch of one mini-batch: old log-probs and values taken from the update's own forward
+    are the scoring pass's, so the run is the same (2 ranks; stage 0 with 2 micro-batches per rank,
+    ZeRO-3 with one, the case where fusing is allowed there)."""
+    micro = 2 if stage == 0 else 4
+    common = (f"deepspeed.zero_stage={stage}", "train.steps=2", "train.mini_batch_size=8",
+              f"train.micro_batch_size={micro}")
+    fused, _ = ppo_run(tmp_path, "fused", *common, "ppo.fuse_scoring=true")
+    separate, _ = ppo_run(tmp_path, "separate", *common, "ppo.fuse_scoring=false")
+    assert "time/train_forward" in fused[0] and "time/train_forward" not in separate[0]
+    for a, b in zip(fused, separate):
+        for key in LOSSES + ("advantages/mean", "returns/mean", "policy/clipfrac"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
