@@ -168,6 +168,8 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
 
     def evaluate(step: int) -> dict:
         """Mean reward of sampled responses to the fixed eval prompts (seeded, RNG state restored)."""
+        if not eval_items:  # train.eval_size: 0 (benchmarks)
+            return {"score/mean": float("nan"), "kl/mean": float("nan"), "samples": []}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed + 7919)
             r, _ = make_rollout(eval_items, with_values=False)
@@ -195,7 +197,7 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
             print(f"[resume] from {resume_from} (step {state['step']})", flush=True)
     if before is None:
         before = evaluate(0)
-        if dist.is_main:
+        if dist.is_main and eval_items:
             print(f"[eval] step 0: score {before['score/mean']:.4f}", flush=True)
 
     def save(step: int) -> None:

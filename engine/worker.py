@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from engine.config import Recipe, RecipeError, load_recipe
@@ -40,7 +41,7 @@ def print_summary(s: dict) -> None:
     """Human summary at the end of a run: scores before/after, KL, samples, where things are."""
     line = "=" * 78
     print(f"\n{line}\nrun finished: {s.get('steps')} steps in {s.get('train_seconds', 0):.0f} s")
-    if "score_before" in s:
+    if isinstance(s.get("score_before"), float) and math.isfinite(s["score_before"]):  # NaN: evaluation off
         print(f"mean reward (eval prompts): before {s['score_before']:+.4f}  ->  after {s['score_after']:+.4f}")
         print(f"KL(actor || reference) per response after training: {s['kl_after']:.4f}")
     if s.get("eval_after"):  # supervised stages: eval metrics before -> after
