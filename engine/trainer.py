@@ -7,6 +7,7 @@ distributed.py; this file only wires them in order.
 """
 from __future__ import annotations
 
+import resource
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -253,6 +254,7 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
             "advantages/mean": _global_mean(kernels.masked_mean(advantages, mask, dim=-1)),
             **stats, **{f"time/{k}": v for k, v in times.items()}, "time/step": step_s,
             "tokens_per_s": n_tokens / step_s,
+            "memory/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         if returns is not None:
             metrics["returns/mean"] = _global_mean(kernels.masked_mean(returns, mask, dim=-1))
