@@ -10,9 +10,9 @@ logits (any strides) and a flat ``labels [A*R]`` (int64, -100 = ignored, or None
 
 Work happens on tiles of at most ``TILE_ELEMS`` elements, so no float32 tensor larger than one tile
 exists (the gradient itself has the input's dtype). Two tilings:
-- rows: a tile is a few whole rows. Forward is one ``log_softmax(dtype=float32, out=tile)`` per tile
-  (ATen's fused kernel: casts, max, sum and writes in one parallel region), the backward one
-  ``softmax`` per tile plus in-place ops. Few large ops matter on CPU: every op is a thread-pool
+- rows: a tile is a few whole rows. Forward is one ``log_softmax(out=tile)`` per tile (ATen's
+  fused kernel: max, sum and write in one parallel region), the backward one ``softmax`` per tile
+  plus in-place ops; half inputs are first cast into the float32 tile. Few large ops matter on CPU: every op is a thread-pool
   round trip. ``stats`` is empty; the backward recomputes everything from the logits.
 - vocab blocks, for rows longer than a tile: online logsumexp across blocks (running max of the
   raw logits and a rescaled running sum, as the Triton kernel does); ``stats = (m, logs)`` with
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-TILE_ELEMS = 1 << 22  # 16 MB of float32 per tile: L3-resident, yet few ops (each op is a thread-pool round trip)
+TILE_ELEMS = 1 << 23  # 32 MB of float32 per tile: L3-resident, yet few ops (each op is a thread-pool round trip)
 _LOGP_FLOOR = -1000.0  # exp(-1000) == 0 in fp32/fp64: clamping here is exact and avoids 0 * -inf
 
 
@@ -57,17 +57,31 @@ def _row_tiles(A, R, rows):
             yield a, r0, min(R, r0 + rows)
 
 
+def _sub_into(out, z, m):
+    """out = z - m in out's (float32) dtype. Mixed dtypes: cast into ``out`` first, then subtract in
+    place; ``torch.sub(bf16, fp32, out=)`` would allocate a whole float32 copy of z on every call."""
+    if z.dtype == out.dtype:
+        return torch.sub(z, m, out=out)
+    return out.copy_(z).sub_(m)
+
+
+def _mul_into(out, t, scale):
+    """out = t * scale, written in out's dtype (t is a float32 workspace we may overwrite)."""
+    if out.dtype == t.dtype:
+        return torch.mul(t, scale, out=out)
+    return out.copy_(t.mul_(scale))
+
+
 def _scaled(z, temperature, out, m=None):
-    """(z - rowmax(z)) / T in float32 into ``out``; plain ``z`` when T == 1 (softmax shifts itself).
+    """(z - rowmax(z)) / T in the work dtype, in ``out`` (or z itself when T == 1 and z is float32).
 
     Returns (tensor, rowmax or None); pass the forward's rowmax back as ``m`` to skip one pass.
     """
-    if temperature == 1.0:
-        return z, None
+    if temperature == 1.0:  # (log_)softmax shifts by the row max itself
+        return (z if z.dtype == out.dtype else out.copy_(z)), None
     if m is None:
         m = z.amax(-1, keepdim=True).to(out.dtype)  # float32 m: bf16 - bf16 would round the difference
-    torch.sub(z, m, out=out)
-    return out.mul_(1.0 / temperature), m
+    return _sub_into(out, z, m).mul_(1.0 / temperature), m
 
 
 def forward(x3, labels, temperature: float, want_entropy: bool, tile_elems: int | None = None):
@@ -88,7 +102,7 @@ def forward(x3, labels, temperature: float, want_entropy: bool, tile_elems: int 
         z, m = _scaled(x3[a, r0:r1], temperature, t)
         if m is not None:
             rowmax[rs] = m
-        torch.log_softmax(z, -1, dtype=wd, out=t)
+        torch.log_softmax(z, -1, out=t)  # in place when z is t: fine, each row is reduced before written
         if labels is not None:
             lp[rs] = t.gather(1, labels[rs].clamp(min=0)[:, None]).view(n)
         if want_entropy:
@@ -126,7 +140,7 @@ def backward(x3, labels, temperature, stats, entropy, g_lp, g_ent, out3, tile_el
         z, _ = _scaled(x3[a, r0:r1], temperature, t, stats[0][rs] if stats else None)
         if g_ent is not None:
             lsm = lsm_ws[: n * V].view(n, V)
-            torch.log_softmax(z, -1, dtype=wd, out=lsm)
+            torch.log_softmax(z, -1, out=lsm)
             torch.exp(lsm, out=t)  # p
             lsm.clamp_(min=_LOGP_FLOOR)
             # -p (g_lp + g_ent (log p + H)) / T  =  p * (a * log p + b), a and b per row
@@ -138,13 +152,13 @@ def backward(x3, labels, temperature, stats, entropy, g_lp, g_ent, out3, tile_el
             if not direct:
                 out3[a, r0:r1].copy_(t)
             continue
-        torch.softmax(z, -1, dtype=wd, out=t)
+        torch.softmax(z, -1, out=t)
         if g_lp is None:
             out3[a, r0:r1].zero_()
             continue
         # (onehot - p) * g / T as two passes: p - onehot in place, then one multiply that also casts
         t.scatter_add_(1, labels[rs].clamp(min=0)[:, None], t.new_full((n, 1), -1.0))
-        torch.mul(t, -g_lp[rs, None], out=out3[a, r0:r1])
+        _mul_into(out3[a, r0:r1], t, -g_lp[rs, None])
     return out3
 
 
@@ -168,7 +182,7 @@ class RowLSE:
         """Fold in block ``z [n, c]`` (any float dtype); ``t`` (and ``e`` for entropy) are [n, c] workspaces."""
         new_m = torch.maximum(self.m, z.amax(-1).to(t.dtype))
         shift = new_m.masked_fill(new_m == float("-inf"), 0.0)  # all -inf so far: any finite shift
-        torch.sub(z, shift[:, None], out=t)  # shift, then scale: exact for large logits
+        _sub_into(t, z, shift[:, None])  # shift, then scale: exact for large logits
         if self.inv_t != 1.0:
             t.mul_(self.inv_t)
         d = torch.where(self.s > 0, (self.m - shift) * self.inv_t, 0.0)  # s == 0: nothing to rescale
@@ -204,7 +218,7 @@ def block_grad(z, v0, labels, temperature, m, logs, ent, g_lp, g_ent, out, t, e=
     ``out`` may alias ``z`` (each block is read before it is written). t, e: [n, c] fp32 workspaces.
     """
     inv_t = 1.0 / temperature
-    torch.sub(z, m[:, None], out=t)
+    _sub_into(t, z, m[:, None])
     if inv_t != 1.0:
         t.mul_(inv_t)  # t = (z - m) / T, so p = exp(t) / s with s = exp(logs)
     col = None
@@ -217,7 +231,7 @@ def block_grad(z, v0, labels, temperature, m, logs, ent, g_lp, g_ent, out, t, e=
         # (onehot - p) g / T = (e - s onehot) * (-g / (T s)): three passes, the last one also casts
         s = logs.exp()
         t.exp_().scatter_add_(1, col, torch.where(inside, -s, 0.0)[:, None])
-        return torch.mul(t, (-g_lp * inv_t / s)[:, None], out=out)
+        return _mul_into(out, t, (-g_lp * inv_t / s)[:, None])
     t.sub_(logs[:, None]).clamp_(min=_LOGP_FLOOR)  # log p, floored: p == 0 below it anyway
     torch.exp(t, out=e)
     # -p (g_lp + g_ent (log p + H)) / T = p * (a log p + b) with a, b per row

@@ -5,7 +5,8 @@ Tiles of [token chunk, vocab block] logits are computed by a matmul, used, and d
   kernel, or an online merge over vocab blocks), plus the label logit; saves per-row stats only;
 - backward: recompute each tile, turn it into grad_logits in place (the backend's backward or
   ``_chunked.block_grad``), then grad_hidden += grad_logits @ W_block and
-  grad_weight[block] += grad_logits^T @ h_chunk, both accumulated in float32.
+  grad_weight[block] += grad_logits^T @ h_chunk, both accumulated in float32 (when all tokens fit
+  one chunk, grad_weight[block] is a single matmul, which accumulates in float32 internally).
 Two tilings, same loops:
 - rows (Triton backend): vocab block = V, so the Triton logprob kernels see whole rows; token chunk
   sized by a byte budget; a float32 [V, H] accumulator for grad_weight (cheap on a GPU).
@@ -93,6 +94,7 @@ class LinearLogprobs(torch.autograd.Function):
         grad_h = torch.zeros(N, H, dtype=wd, device=hidden.device) if need_h else None
         grad_w = torch.empty_like(weight) if need_w else None
         vb = V if rows_mode else min(V, VOCAB_BLOCK)
+        one_chunk, direct = N <= chunk, weight.dtype == wd
         buf = hidden.new_empty(min(chunk, N) * vb)
         if not rows_mode:
             ws = torch.empty(min(chunk, N) * vb, dtype=wd, device=hidden.device)
@@ -101,8 +103,7 @@ class LinearLogprobs(torch.autograd.Function):
             c = min(vb, V - v0)
             w_blk = weight[v0:v0 + c]
             acc_w = None
-            if need_w:
-                direct = grad_w.dtype == wd
+            if need_w and not one_chunk:  # float32: grad_w itself; half: a float32 block accumulator
                 acc_w = (grad_w[v0:v0 + c] if direct else torch.empty(c, H, dtype=wd, device=weight.device)).zero_()
             for c0 in range(0, N, chunk):
                 c1 = min(N, c0 + chunk)
@@ -117,9 +118,11 @@ class LinearLogprobs(torch.autograd.Function):
                                         ws[: n * c].view(n, c), e_ws[: n * c].view(n, c) if g_ent is not None else None)
                 if need_h:
                     _mm_acc(grad_h[rs], z, w_blk)
-                if need_w:
+                if need_w and one_chunk:  # a single reduction over all tokens, fp32 inside the matmul
+                    torch.mm(z.t(), h, out=grad_w[v0:v0 + c])
+                elif need_w:
                     _mm_acc(acc_w, z.t(), h)
-            if need_w and not direct:
+            if need_w and not one_chunk and not direct:
                 grad_w[v0:v0 + c] = acc_w
         if need_h and grad_h.dtype != hidden.dtype:
             grad_h = grad_h.to(hidden.dtype)

@@ -12,7 +12,8 @@ Method. Every (case, variant) runs in a fresh subprocess on the torch backend: w
 problem (thread pools, oneDNN), allocate the inputs, then reset the kernel's RSS high-water mark
 (``echo 5 > /proc/self/clear_refs``) and read ``VmRSS`` as the baseline. ``peak_mb`` is
 ``VmHWM - baseline`` after one forward + backward (``(logprobs * g).sum().backward()``), so it counts
-everything the step allocates, input gradients included. (tracemalloc does not see torch's
+everything the step allocates, input gradients included (``grads_mb``: their size, a floor that
+every variant must pay; for float32 logits it caps the naive / fused ratio near 3). (tracemalloc does not see torch's
 allocations; where clear_refs is not allowed, ``ru_maxrss`` is used and the warm-up is skipped.)
 ``time_s`` is the fastest of ``--repeat`` steps. Naive and fused subprocesses alternate so that load
 from other processes hits both alike.
@@ -123,8 +124,9 @@ def worker(case: str, variant: str, dtype_name: str, repeat: int) -> dict:
         times.append(time.perf_counter() - t0)
         if i == 0:
             peak_kb = _peak_kb(resettable)
+    grads_mb = sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20  # the step's required output
     return dict(case=case, kind=kind, vocab=V, tokens=N, hidden=H or None, dtype=dtype_name, variant=variant,
-                time_s=round(min(times), 4), peak_mb=round((peak_kb - base_kb) / 1024, 1),
+                time_s=round(min(times), 4), peak_mb=round((peak_kb - base_kb) / 1024, 1), grads_mb=round(grads_mb, 1),
                 baseline_mb=round(base_kb / 1024, 1), threads=torch.get_num_threads(),
                 peak_method="VmHWM-reset" if resettable else "ru_maxrss")
 
