@@ -12,8 +12,9 @@ Work happens on tiles of at most ``TILE_ELEMS`` elements, so no float32 tensor l
 exists (the gradient itself has the input's dtype). Two tilings:
 - rows: a tile is a few whole rows. Forward is one ``log_softmax(out=tile)`` per tile (ATen's
   fused kernel: max, sum and write in one parallel region), the backward one ``softmax`` per tile
-  plus in-place ops; half inputs are first cast into the float32 tile. Few large ops matter on CPU: every op is a thread-pool
-  round trip. ``stats`` is empty; the backward recomputes everything from the logits.
+  plus in-place ops; half inputs are first cast into the float32 tile. Few large ops matter on
+  CPU: every op is a thread-pool round trip. ``stats`` is empty (or the row max when T != 1): the
+  backward recomputes the rest from the logits.
 - vocab blocks, for rows longer than a tile: online logsumexp across blocks (running max of the
   raw logits and a rescaled running sum, as the Triton kernel does); ``stats = (m, logs)`` with
   ``logsumexp(z / T) = m / T + logs``.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-TILE_ELEMS = 1 << 23  # 32 MB of float32 per tile: L3-resident, yet few ops (each op is a thread-pool round trip)
+TILE_ELEMS = 1 << 23  # 32 MB of float32 per tile: L3-resident, yet few ops (each is a thread-pool round trip)
 _LOGP_FLOOR = -1000.0  # exp(-1000) == 0 in fp32/fp64: clamping here is exact and avoids 0 * -inf
 
 

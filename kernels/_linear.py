@@ -10,7 +10,7 @@ Tiles of [token chunk, vocab block] logits are computed by a matmul, used, and d
 Two tilings, same loops:
 - rows (Triton backend): vocab block = V, so the Triton logprob kernels see whole rows; token chunk
   sized by a byte budget; a float32 [V, H] accumulator for grad_weight (cheap on a GPU).
-- blocks (torch backend): vocab blocks of ``VOCAB_BLOCK`` with the vocab loop *outside* the token
+- blocks (torch backend): vocab blocks (``vocab_block``) with the vocab loop *outside* the token
   loop in the backward, so grad_weight is finished block by block (float32 accumulator of one block
   only) and its matmul reduces over a long token chunk (efficient on CPU).
 """
@@ -21,7 +21,17 @@ import torch
 
 from . import _chunked
 
-VOCAB_BLOCK = 4096  # torch backend: vocab columns per tile (tokens per tile = TILE_ELEMS // this)
+VOCAB_BLOCK = 4096  # torch backend: vocab columns per tile (tokens per tile = TILE_ELEMS // this) ...
+WEIGHT_BLOCK_ELEMS = 1 << 24  # ... fewer when H > 4096, so a [block, H] weight slice (and the matmul
+#   library's packed copy of it) stays <= 32 MB in bf16. Smaller blocks cost time: grad_hidden is
+#   accumulated once per block.
+
+
+def vocab_block(V: int, H: int, rows_mode: bool = False) -> int:
+    """Vocab columns per tile: all of them for the Triton tiling, else VOCAB_BLOCK bounded by H."""
+    if rows_mode:
+        return V
+    return max(1, min(V, VOCAB_BLOCK, max(256, WEIGHT_BLOCK_ELEMS // H)))
 
 
 def _mm_acc(acc, a, b):
@@ -40,7 +50,7 @@ class LinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, temperature, want_entropy, chunk, rows_mode, impl):
         N, V = hidden.shape[0], weight.shape[0]
         wd = _chunked.work_dtype(hidden.dtype)
-        vb = V if rows_mode else min(V, VOCAB_BLOCK)
+        vb = vocab_block(V, hidden.shape[1], rows_mode)
         lp = torch.empty(N, dtype=wd, device=hidden.device)
         ent = torch.empty(N, dtype=wd, device=hidden.device) if want_entropy else None
         buf = hidden.new_empty(min(chunk, N) * vb)  # one tile of logits, reused
@@ -93,7 +103,7 @@ class LinearLogprobs(torch.autograd.Function):
         # float32 accumulators; when the dtype is float32 they are the gradients themselves
         grad_h = torch.zeros(N, H, dtype=wd, device=hidden.device) if need_h else None
         grad_w = torch.empty_like(weight) if need_w else None
-        vb = V if rows_mode else min(V, VOCAB_BLOCK)
+        vb = vocab_block(V, hidden.shape[1], rows_mode)
         one_chunk, direct = N <= chunk, weight.dtype == wd
         buf = hidden.new_empty(min(chunk, N) * vb)
         if not rows_mode:
@@ -104,7 +114,8 @@ class LinearLogprobs(torch.autograd.Function):
             w_blk = weight[v0:v0 + c]
             acc_w = None
             if need_w and not one_chunk:  # float32: grad_w itself; half: a float32 block accumulator
-                acc_w = (grad_w[v0:v0 + c] if direct else torch.empty(c, H, dtype=wd, device=weight.device)).zero_()
+                acc_w = grad_w[v0:v0 + c] if direct else torch.empty(c, H, dtype=wd, device=weight.device)
+                acc_w.zero_()
             for c0 in range(0, N, chunk):
                 c1 = min(N, c0 + chunk)
                 n, h, rs = c1 - c0, hidden[c0:c1], slice(c0, c1)
@@ -114,8 +125,9 @@ class LinearLogprobs(torch.autograd.Function):
                     impl.backward(z[None], labels[rs], temperature, [st[rs] for st in stats], *gs, z[None])
                 else:
                     m, logs = stats
+                    e = e_ws[: n * c].view(n, c) if g_ent is not None else None
                     _chunked.block_grad(z, v0, labels[rs], temperature, m[rs], logs[rs], *gs, z,
-                                        ws[: n * c].view(n, c), e_ws[: n * c].view(n, c) if g_ent is not None else None)
+                                        ws[: n * c].view(n, c), e)
                 if need_h:
                     _mm_acc(grad_h[rs], z, w_blk)
                 if need_w and one_chunk:  # a single reduction over all tokens, fp32 inside the matmul

@@ -13,8 +13,9 @@ problem (thread pools, oneDNN), allocate the inputs, then reset the kernel's RSS
 (``echo 5 > /proc/self/clear_refs``) and read ``VmRSS`` as the baseline. ``peak_mb`` is
 ``VmHWM - baseline`` after one forward + backward (``(logprobs * g).sum().backward()``), so it counts
 everything the step allocates, input gradients included (``grads_mb``: their size, a floor that
-every variant must pay; for float32 logits it caps the naive / fused ratio near 3). (tracemalloc does not see torch's
-allocations; where clear_refs is not allowed, ``ru_maxrss`` is used and the warm-up is skipped.)
+every variant pays; for float32 logits it caps the naive / fused ratio near 3, hence the table's
+"x excl grads" column). tracemalloc does not see torch's allocations; where clear_refs is not
+allowed, ``ru_maxrss`` is used and the warm-up is skipped.
 ``time_s`` is the fastest of ``--repeat`` steps. Naive and fused subprocesses alternate so that load
 from other processes hits both alike.
 """
@@ -102,12 +103,14 @@ def _step(kind, variant, tensors, labels, upstream):
         t.grad = None
 
 
-def worker(case: str, variant: str, dtype_name: str, repeat: int) -> dict:
+def worker(case: str, variant: str, dtype_name: str, repeat: int, threads: int | None) -> dict:
     import torch
 
     import kernels
 
     kernels.set_backend("torch")
+    if threads:
+        torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
     kind, V, N, H = parse_case(case)
     resettable = _reset_peak()
@@ -126,7 +129,8 @@ def worker(case: str, variant: str, dtype_name: str, repeat: int) -> dict:
             peak_kb = _peak_kb(resettable)
     grads_mb = sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20  # the step's required output
     return dict(case=case, kind=kind, vocab=V, tokens=N, hidden=H or None, dtype=dtype_name, variant=variant,
-                time_s=round(min(times), 4), peak_mb=round((peak_kb - base_kb) / 1024, 1), grads_mb=round(grads_mb, 1),
+                time_s=round(min(times), 4), peak_mb=round((peak_kb - base_kb) / 1024, 1),
+                grads_mb=round(grads_mb, 1),
                 baseline_mb=round(base_kb / 1024, 1), threads=torch.get_num_threads(),
                 peak_method="VmHWM-reset" if resettable else "ru_maxrss")
 
@@ -144,8 +148,11 @@ def _available_bytes() -> int:
     return 1 << 62
 
 
-def run_case(case, variant, dtype, repeat) -> dict:
-    cmd = [sys.executable, "-m", "kernels.bench", "--worker", case, variant, "--dtype", dtype, "--repeat", str(repeat)]
+def run_case(case, variant, dtype, repeat, threads=None) -> dict:
+    cmd = [sys.executable, "-m", "kernels.bench", "--worker", case, variant,
+           "--dtype", dtype, "--repeat", str(repeat)]
+    if threads:
+        cmd += ["--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return dict(case=case, variant=variant, dtype=dtype, error=proc.stderr.strip().splitlines()[-1:])
@@ -153,22 +160,28 @@ def run_case(case, variant, dtype, repeat) -> dict:
 
 
 def table(rows: list[dict]) -> str:
+    """naive vs fused per case; ``mem x`` = naive peak / fused peak, ``x excl grads`` = the same with the
+    input gradients (which both must allocate) subtracted from both peaks."""
     by_case: dict[str, dict] = {}
     for r in rows:
         by_case.setdefault(r["case"], {})[r["variant"]] = r
-    head = f"{'case':<26}{'dtype':<10}{'naive s':>9}{'fused s':>9}{'speedup':>9}{'naive MB':>10}{'fused MB':>10}{'mem x':>7}"
+    head = (f"{'case':<24}{'dtype':<10}{'naive s':>9}{'fused s':>9}{'speedup':>9}{'naive MB':>10}"
+            f"{'fused MB':>10}{'mem x':>7}{'grads MB':>10}{'x excl grads':>14}")
     lines = [head, "-" * len(head)]
     for case, v in by_case.items():
         n, f = v.get("naive", {}), v.get("fused", {})
-        dtype = (f or n).get("dtype", "")
 
         def cell(r, key, fmt):
             return format(r[key], fmt) if key in r else ("err" if "error" in r else ("skip" if r else "-"))
 
+        both = "peak_mb" in n and "peak_mb" in f
         speed = f"{n['time_s'] / f['time_s']:.2f}" if "time_s" in n and "time_s" in f else "-"
-        mem = f"{n['peak_mb'] / max(f['peak_mb'], 0.1):.1f}" if "peak_mb" in n and "peak_mb" in f else "-"
-        lines.append(f"{case:<26}{dtype:<10}{cell(n, 'time_s', '.3f'):>9}{cell(f, 'time_s', '.3f'):>9}{speed:>9}"
-                     f"{cell(n, 'peak_mb', '.0f'):>10}{cell(f, 'peak_mb', '.0f'):>10}{mem:>7}")
+        mem = f"{n['peak_mb'] / max(f['peak_mb'], 0.1):.1f}" if both else "-"
+        extra = (n["peak_mb"] - n["grads_mb"], max(f["peak_mb"] - f["grads_mb"], 1.0)) if both else None
+        excl = (f"{extra[0] / extra[1]:.1f}" if extra[1] > 1.0 else f">{extra[0]:.0f}") if both else "-"
+        lines.append(f"{case:<24}{(f or n).get('dtype', ''):<10}{cell(n, 'time_s', '.3f'):>9}"
+                     f"{cell(f, 'time_s', '.3f'):>9}{speed:>9}{cell(n, 'peak_mb', '.0f'):>10}"
+                     f"{cell(f, 'peak_mb', '.0f'):>10}{mem:>7}{cell(f or n, 'grads_mb', '.0f'):>10}{excl:>14}")
     return "\n".join(lines)
 
 
@@ -179,11 +192,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     p.add_argument("--repeat", type=int, default=None, help="timed steps per variant (default 3, --quick 2)")
     p.add_argument("--variants", default="naive,fused")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     p.add_argument("--worker", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     repeat = a.repeat or (2 if a.quick else 3)
     if a.worker:
-        print(json.dumps(worker(a.worker[0], a.worker[1], a.dtype, repeat)), flush=True)
+        print(json.dumps(worker(a.worker[0], a.worker[1], a.dtype, repeat, a.threads)), flush=True)
         return 0
     cases = all_cases()
     if a.quick:
@@ -198,9 +212,9 @@ def main(argv=None) -> int:
         kind, V, N, H = parse_case(case)
         for variant in a.variants.split(","):
             if variant == "naive" and _naive_bytes(kind, V, N, H, itemsize) > 0.8 * _available_bytes():
-                row = dict(case=case, variant=variant, dtype=a.dtype, skipped="not enough free memory for naive")
+                row = dict(case=case, variant=variant, dtype=a.dtype, skipped="not enough free memory")
             else:
-                row = run_case(case, variant, a.dtype, repeat)
+                row = run_case(case, variant, a.dtype, repeat, a.threads)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()

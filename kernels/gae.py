@@ -14,8 +14,8 @@ from ._dispatch import choose
 
 def _check_gae(rewards, values, mask):
     if rewards.dim() != 2 or rewards.shape != values.shape or rewards.shape != mask.shape:
-        raise ValueError(f"kernels.gae: rewards, values and mask must all be [B, T]; got {tuple(rewards.shape)}, "
-                         f"{tuple(values.shape)}, {tuple(mask.shape)}")
+        raise ValueError(f"kernels.gae: rewards, values and mask must all be [B, T]; got "
+                         f"{tuple(rewards.shape)}, {tuple(values.shape)}, {tuple(mask.shape)}")
 
 
 @torch.no_grad()
@@ -77,8 +77,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] 
     Differentiable w.r.t. ``x``.
     """
     keep = mask != 0
-    total = torch.where(keep, _float(x), 0.0).sum(dim) if dim is not None else torch.where(keep, _float(x), 0.0).sum()
-    count = keep.sum(dim) if dim is not None else keep.sum()
+    kept = torch.where(keep, _float(x), 0.0)  # where, not multiply: masked entries may be nan / inf
+    total, count = (kept.sum(dim), keep.sum(dim)) if dim is not None else (kept.sum(), keep.sum())
     return total / count.clamp(min=1)
 
 

@@ -134,15 +134,16 @@ def entropy_from_logits_reference(logits, temperature=1.0):
 
 
 def default_chunk_tokens(vocab: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                         backend: str = "torch") -> int:
+                         backend: str = "torch", hidden: int = 1024) -> int:
     """Tokens per chunk in ``linear_logprobs``.
 
-    torch backend: tiles of [chunk, VOCAB_BLOCK] logits, chunk = TILE_ELEMS // VOCAB_BLOCK (a 16 MB
-    float32 tile). Triton backend (whole rows): the chunk's logits in ``dtype`` stay within 256 MB on
-    CUDA (32 MB elsewhere, i.e. under the interpreter).
+    torch backend: tiles of [chunk, vocab block] logits with chunk * block = TILE_ELEMS (a 32 MB
+    float32 tile); long chunks keep the grad_weight matmul (a reduction over tokens) efficient.
+    Triton backend (whole rows): the chunk's logits in ``dtype`` stay within 256 MB on CUDA (32 MB
+    elsewhere, i.e. under the interpreter).
     """
     if backend != "triton":
-        return max(1, _chunked.TILE_ELEMS // min(vocab, _linear.VOCAB_BLOCK))
+        return max(1, _chunked.TILE_ELEMS // _linear.vocab_block(vocab, hidden))
     budget = DEFAULT_CHUNK_BYTES_CUDA if torch.device(device).type == "cuda" else DEFAULT_CHUNK_BYTES
     return max(1, budget // (dtype.itemsize * vocab))
 
@@ -164,7 +165,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                         "must share a dtype")
     _check(hidden.shape[:-1], weight.shape[0], hidden.dtype, labels, temperature, "linear_logprobs")
     backend = choose(hidden, weight)
-    chunk = int(chunk_tokens or default_chunk_tokens(weight.shape[0], hidden.dtype, hidden.device, backend))
+    chunk = int(chunk_tokens or default_chunk_tokens(weight.shape[0], hidden.dtype, hidden.device, backend,
+                                                      hidden.shape[-1]))
     if chunk < 1:
         raise ValueError(f"kernels.linear_logprobs: chunk_tokens must be >= 1, got {chunk_tokens}")
     lead = hidden.shape[:-1]

@@ -26,10 +26,16 @@ def _series_dk3(r):
 
 
 @triton.jit
+def _log_ratio(LP, REF, offs, inb):
+    lp = tl.load(LP + offs, mask=inb, other=0.0).to(tl.float32)
+    return lp - tl.load(REF + offs, mask=inb, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _fwd_kernel(LP, REF, OUT, n, EST: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
-    r = tl.load(LP + offs, mask=inb, other=0.0).to(tl.float32) - tl.load(REF + offs, mask=inb, other=0.0).to(tl.float32)
+    r = _log_ratio(LP, REF, offs, inb)
     if EST == 1:
         k = r
     elif EST == 2:
@@ -43,7 +49,7 @@ def _fwd_kernel(LP, REF, OUT, n, EST: tl.constexpr, BLOCK: tl.constexpr):
 def _bwd_kernel(LP, REF, G, GLP, GREF, n, EST: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
-    r = tl.load(LP + offs, mask=inb, other=0.0).to(tl.float32) - tl.load(REF + offs, mask=inb, other=0.0).to(tl.float32)
+    r = _log_ratio(LP, REF, offs, inb)
     g = tl.load(G + offs, mask=inb, other=0.0)
     if EST == 1:
         d = g

@@ -15,7 +15,8 @@ from kernel_checks import HAS_TRITON  # noqa: E402
 
 import kernels  # noqa: E402
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed"))]
+NO_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+BACKENDS = ["torch", pytest.param("triton", marks=NO_TRITON)]
 
 
 @pytest.fixture(params=BACKENDS)

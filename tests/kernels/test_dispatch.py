@@ -59,12 +59,13 @@ def test_import_and_run_without_triton():
         "import torch, kernels\n"
         "x = torch.randn(3, 11, requires_grad=True)\n"
         "kernels.logprobs_from_logits(x, torch.tensor([1, 2, 3])).sum().backward()\n"
-        "assert kernels.choose_backend(x) == 'torch' and 'triton' not in [m for m in sys.modules if sys.modules[m]]\n"
+        "assert kernels.choose_backend(x) == 'torch' and sys.modules['triton'] is None\n"
         "kernels.set_backend('triton')\n"
         "try:\n    kernels.gae(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), 1.0, 1.0)\n"
         "except RuntimeError as e:\n    assert 'not installed' in str(e); print('ok')\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("KERNELS_BACKEND", "TRITON_INTERPRET")}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
     _dispatch.triton_available.cache_clear()
