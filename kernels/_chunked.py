@@ -180,7 +180,10 @@ class RowLSE:
         self.w = torch.zeros(n, dtype=wd, device=device) if want_entropy else None
 
     def update(self, z, t, e=None):
-        """Fold in block ``z [n, c]`` (any float dtype); ``t`` (and ``e`` for entropy) are [n, c] workspaces."""
+        """Fold in block ``z [n, c]``; ``t`` (and ``e`` for entropy) are [n, c] work-dtype workspaces.
+
+        ``t`` may be ``z`` itself (same dtype), which is then overwritten.
+        """
         new_m = torch.maximum(self.m, z.amax(-1).to(t.dtype))
         shift = new_m.masked_fill(new_m == float("-inf"), 0.0)  # all -inf so far: any finite shift
         _sub_into(t, z, shift[:, None])  # shift, then scale: exact for large logits
@@ -216,7 +219,8 @@ def block_grad(z, v0, labels, temperature, m, logs, ent, g_lp, g_ent, out, t, e=
     """Gradient of sum(g_lp * logprob + g_ent * entropy) w.r.t. a logits block ``z [n, c]`` into ``out``.
 
     m, logs, ent: per-row stats from ``RowLSE``; g_lp must already be 0 on ignored labels.
-    ``out`` may alias ``z`` (each block is read before it is written). t, e: [n, c] fp32 workspaces.
+    ``out`` may alias ``z`` (each block is read before it is written). t, e: [n, c] fp32 workspaces;
+    ``t`` may also be ``z`` (and ``out``) when z is already in the work dtype.
     """
     inv_t = 1.0 / temperature
     _sub_into(t, z, m[:, None])

@@ -36,7 +36,7 @@ def vocab_block(V: int, H: int, rows_mode: bool = False) -> int:
 
 def _mm_acc(acc, a, b):
     """acc (fp32) += a @ b. Half inputs: the matmul runs in their dtype (AMX / tensor cores, fp32
-    accumulation inside) and its [.., ..] result is added; fp32 inputs: one in-place addmm."""
+    accumulation inside) and its result is added; fp32 inputs: one in-place addmm."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     else:
@@ -55,8 +55,8 @@ class LinearLogprobs(torch.autograd.Function):
         ent = torch.empty(N, dtype=wd, device=hidden.device) if want_entropy else None
         buf = hidden.new_empty(min(chunk, N) * vb)  # one tile of logits, reused
         stats = []
-        if not rows_mode:
-            ws = torch.empty(min(chunk, N) * vb, dtype=wd, device=hidden.device)
+        if not rows_mode:  # float32 workspaces; float32 logits are worked on in place in buf
+            ws = buf if hidden.dtype == wd else torch.empty(min(chunk, N) * vb, dtype=wd, device=hidden.device)
             e_ws = torch.empty_like(ws) if want_entropy else None
         for c0 in range(0, N, chunk):
             c1 = min(N, c0 + chunk)
@@ -70,8 +70,8 @@ class LinearLogprobs(torch.autograd.Function):
                 for v0 in range(0, V, vb):
                     c = min(vb, V - v0)
                     z = torch.mm(h, weight[v0:v0 + c].t(), out=buf[: n * c].view(n, c))
+                    zl += _chunked.label_logits(z, v0, lab)  # before update(), which may overwrite z
                     state.update(z, ws[: n * c].view(n, c), e_ws[: n * c].view(n, c) if want_entropy else None)
-                    zl += _chunked.label_logits(z, v0, lab)
                 m, logs, ent_c = state.finish()
                 lp_c = torch.where(lab != -100, (zl - m) / temperature - logs, 0.0)
                 st = (m, logs)
@@ -107,7 +107,7 @@ class LinearLogprobs(torch.autograd.Function):
         one_chunk, direct = N <= chunk, weight.dtype == wd
         buf = hidden.new_empty(min(chunk, N) * vb)
         if not rows_mode:
-            ws = torch.empty(min(chunk, N) * vb, dtype=wd, device=hidden.device)
+            ws = buf if hidden.dtype == wd else torch.empty(min(chunk, N) * vb, dtype=wd, device=hidden.device)
             e_ws = torch.empty_like(ws) if g_ent is not None else None
         for v0 in range(0, V, vb):
             c = min(vb, V - v0)
