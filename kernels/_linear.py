@@ -102,7 +102,7 @@ class LinearLogprobs(torch.autograd.Function):
             g_lp = torch.where(labels != -100, g_lp.to(wd), 0.0)  # ignored labels: no gradient
         # float32 accumulators; when the dtype is float32 they are the gradients themselves
         grad_h = torch.zeros(N, H, dtype=wd, device=hidden.device) if need_h else None
-        grad_w = torch.empty_like(weight) if need_w else None
+        grad_w = (torch.empty_like(weight) if N else torch.zeros_like(weight)) if need_w else None  # no tokens
         vb = vocab_block(V, hidden.shape[1], rows_mode)
         one_chunk, direct = N <= chunk, weight.dtype == wd
         buf = hidden.new_empty(min(chunk, N) * vb)

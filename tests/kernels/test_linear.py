@@ -113,6 +113,14 @@ def test_never_holds_token_by_vocab(monkeypatch):
     assert mode.largest <= max(32 * 128, V * H, N * H) < N * V
 
 
+def test_empty_batch(backend):
+    h = torch.randn(0, 4, requires_grad=True)
+    w = torch.randn(7, 4, requires_grad=True)
+    lp, ent = kernels.linear_logprobs(h, w, torch.zeros(0, dtype=torch.long), return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    assert lp.shape == (0,) and torch.equal(w.grad, torch.zeros_like(w)) and h.grad.shape == (0, 4)
+
+
 def test_bad_inputs():
     h, w, lab = _inputs((4,), 8, 20, torch.float32)
     with pytest.raises(ValueError, match="weight must be"):

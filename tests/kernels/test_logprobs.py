@@ -212,3 +212,10 @@ def test_int32_labels_and_no_grad(backend):
     with torch.no_grad():
         lp = kernels.logprobs_from_logits(x, lab)
     assert_matches(lp, kernels.logprobs_from_logits_reference(x.double(), lab), 1e-5)
+
+
+def test_empty_batch(backend):
+    x = torch.randn(0, 3, 9, requires_grad=True)
+    lp, ent = kernels.logprobs_from_logits(x, torch.zeros(0, 3, dtype=torch.long), return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    assert lp.shape == ent.shape == (0, 3) and x.grad.shape == x.shape
