@@ -24,6 +24,13 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
+    from engine.pipeline import is_pipeline, load_pipeline
+
+    if is_pipeline(args.recipe):
+        spec, stages = load_pipeline(args.recipe, args.overrides)
+        for path, _, recipe in stages:
+            print(f"# stage {recipe.stage}: {path}\n{recipe_to_yaml(recipe)}", end="")
+        return 0
     recipe = load_recipe(args.recipe, args.overrides)
     if args.world_size:
         sizes = derive_batch_sizes(recipe, args.world_size)
@@ -41,6 +48,10 @@ def cmd_presets(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from engine.pipeline import is_pipeline, run_pipeline
+
+    if is_pipeline(args.recipe):
+        return run_pipeline(args.recipe, args.overrides, nproc=args.nproc)
     recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before any launcher starts
     if args.nproc > 1:
         derive_batch_sizes(recipe, args.nproc)

@@ -48,9 +48,12 @@ def test_zero_stage_0_and_3_agree(zero3_and_zero0):
 
 
 def test_micro_batch_accumulation_is_exact(tmp_path):
+    """Micro-batch 1 x 4 accumulation steps (old log-probs from the fused update forward) equals
+    micro-batch 4 x 1 (old log-probs from a separate scoring pass): accumulation and fused scoring."""
     common = ("deepspeed.zero_stage=0", "train.steps=2", "train.mini_batch_size=8")
-    m1, _ = ppo_run(tmp_path, "micro1", *common, "train.micro_batch_size=1")  # 4 accumulation steps / rank
-    m4, _ = ppo_run(tmp_path, "micro4", *common, "train.micro_batch_size=4")  # 1 accumulation step / rank
+    m1, _ = ppo_run(tmp_path, "micro1", *common, "train.micro_batch_size=1", "ppo.fuse_scoring=true")
+    m4, _ = ppo_run(tmp_path, "micro4", *common, "train.micro_batch_size=4", "ppo.fuse_scoring=false")
+    assert "time/train_forward" in m1[0] and "time/train_forward" not in m4[0]
     assert len(m1) == len(m4) == 2
     for a, b in zip(m1, m4):
         for key in ("score/mean", "kl/mean", "advantages/mean", "returns/mean"):
@@ -59,14 +62,10 @@ def test_micro_batch_accumulation_is_exact(tmp_path):
     assert m1[1]["kl/mean"] == pytest.approx(m4[1]["kl/mean"], rel=1e-3, abs=1e-5)
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_fused_scoring_equals_a_separate_scoring_pass(tmp_path, stage):
+def test_fused_scoring_equals_a_separate_scoring_pass_zero3(tmp_path):
     """One epoch of one mini-batch: old log-probs and values taken from the update's own forward
-    are the scoring pass's, so the run is the same (2 ranks; stage 0 with 2 micro-batches per rank,
-    ZeRO-3 with one, the case where fusing is allowed there)."""
-    micro = 2 if stage == 0 else 4
-    common = (f"deepspeed.zero_stage={stage}", "train.steps=2", "train.mini_batch_size=8",
-              f"train.micro_batch_size={micro}")
+    are the scoring pass's, so the run is the same (ZeRO-3 allows it with one micro-batch per rank)."""
+    common = ("deepspeed.zero_stage=3", "train.steps=2", "train.mini_batch_size=8", "train.micro_batch_size=4")
     fused, _ = ppo_run(tmp_path, "fused", *common, "ppo.fuse_scoring=true")
     separate, _ = ppo_run(tmp_path, "separate", *common, "ppo.fuse_scoring=false")
     assert "time/train_forward" in fused[0] and "time/train_forward" not in separate[0]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import derive_batch_sizes, load_recipe
+from engine.pipeline import is_pipeline, load_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml"))
@@ -35,9 +36,15 @@ def test_recipe_validates_with_header(path):
     joined = "\n".join(header).lower()
     for word in ("hardware", "launch"):
         assert word in joined, f"{path}: header lacks '{word}'"
-    recipe = load_recipe(path)
-    sizes = derive_batch_sizes(recipe, launch_world_size(text))
-    assert sizes.gradient_accumulation_steps >= 1
+    if is_pipeline(path):
+        _, stages = load_pipeline(path)
+        recipes = [recipe for _, _, recipe in stages]
+        assert len(recipes) >= 2
+    else:
+        recipes = [load_recipe(path)]
+    for recipe in recipes:
+        sizes = derive_batch_sizes(recipe, launch_world_size(text))
+        assert sizes.gradient_accumulation_steps >= 1
     if "/gpu/" in str(path):
         assert "memory" in joined, f"{path}: GPU recipes state their expected memory per GPU"
 
