@@ -89,7 +89,8 @@ class _FromLogits(torch.autograd.Function):
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                          return_entropy: bool = False):
-    """log softmax(logits / T)[label], fused: no [..., V] float32 tensor is ever created.
+    """log softmax(logits / T)[label], fused: no float32 copy of the [..., V] logits is ever created
+    (float32 tiles of at most ``_chunked.TILE_ELEMS`` elements; the gradient has the logits' dtype).
 
     logits: [..., V] float32 / bfloat16 / float16 (any strides); labels: [...] int, -100 = ignored.
     Returns logprobs [...] float32 (0 and no gradient where labels == -100), or
