@@ -131,6 +131,10 @@ def ds_config(recipe: Recipe, sizes: BatchSizes, *, trainable: bool = True,
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {stage!r}")
     pin = get_accelerator().device_name() != "cpu"  # pinned host memory only helps host<->GPU copies
     zero: dict[str, Any] = {"stage": stage}
+    if stage in (1, 2, 3):
+        # DeepSpeed's default buckets (5e8 elements = 2 GB in fp32 each) dwarf small models on CPU;
+        # 5e7 keeps collectives large enough to be efficient and the buffers at 200 MB
+        zero.update(reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7))
     if stage == 3:
         # keep only tiny params (norms, biases) unpartitioned; whole layers are fetched on demand
         zero.update(stage3_param_persistence_threshold=10_000, stage3_prefetch_bucket_size=5e7,
