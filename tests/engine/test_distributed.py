@@ -56,7 +56,8 @@ def test_fp32_and_fp16_precision_keys():
     r32 = recipe({"zero_stage": 2})
     cfg32 = ds_config(r32, derive_batch_sizes(r32, 2))
     assert "bf16" not in cfg32 and "fp16" not in cfg32
-    assert cfg32["zero_optimization"] == {"stage": 2}
+    assert cfg32["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 50_000_000,
+                                          "allgather_bucket_size": 50_000_000}  # not DeepSpeed's 2 GB default
     r16 = recipe({"zero_stage": 1, "precision": "fp16"})
     cfg16 = ds_config(r16, derive_batch_sizes(r16, 2))
     assert cfg16["fp16"]["enabled"] is True and cfg16["fp16"]["loss_scale"] == 0  # dynamic loss scaling
