@@ -27,7 +27,7 @@ demo: install
 	$(BIN)/rlhf-engine train recipes/smoke/ppo-smollm2.yaml
 
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --basetemp=.pytest_tmp tests
 
 bench: install
 	$(BIN)/python -m kernels.bench
