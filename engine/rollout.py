@@ -133,10 +133,7 @@ def forward_logprobs(model: Callable, input_ids: torch.Tensor, attention_mask: t
                 use_cache=False)
     logits = out.logits[:, -response_len - 1:-1]
     labels = input_ids[:, -response_len:]
-    if return_entropy:
-        return (kernels.logprobs_from_logits(logits, labels, temperature),
-                kernels.entropy_from_logits(logits, temperature))
-    return kernels.logprobs_from_logits(logits, labels, temperature)
+    return kernels.logprobs_from_logits(logits, labels, temperature, return_entropy=return_entropy)
 
 
 def forward_values(critic: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor,
