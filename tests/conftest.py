@@ -7,3 +7,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Triton kernels run on the CPU through the interpreter; it must be chosen before anything (deepspeed,
+# transformers) imports triton, so it is set here, in the first conftest pytest loads
+os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -31,5 +31,13 @@ def run_deepspeed(script: str | Path, *args: str, nproc: int = 2, timeout: int =
 
 
 def json_lines(text: str, prefix: str) -> list[dict]:
-    """Parse lines 'PREFIX {json}' that worker scripts print."""
-    return [json.loads(line.split(prefix, 1)[1]) for line in text.splitlines() if prefix in line]
+    """Parse 'PREFIX {json}' records that worker scripts print.
+
+    Ranks share the launcher's stdout, so two records can land on one line: every PREFIX starts a
+    record, and only the JSON object right after it is read.
+    """
+    decoder = json.JSONDecoder()
+    records = []
+    for chunk in text.split(prefix)[1:]:
+        records.append(decoder.raw_decode(chunk.lstrip())[0])
+    return records
