@@ -6,7 +6,6 @@ Settings live in the recipe, not in flags: `--set a.b.c=value` overrides any rec
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

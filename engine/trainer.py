@@ -11,7 +11,6 @@ import resource
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -21,7 +20,7 @@ from engine import rl
 from engine.checkpoint import CheckpointManager
 from engine.config import Recipe, derive_batch_sizes
 from engine.data import collate_prompts, load_prompts
-from engine.distributed import (DistInfo, all_reduce_mean, barrier, create_frozen_engine, create_train_engine,
+from engine.distributed import (DistInfo, barrier, create_frozen_engine, create_train_engine,
                                 ds_config, init_distributed, zero_init_context)
 from engine.hybrid import HybridEngine
 from engine.models import load_policy, load_scalar_model, load_tokenizer
