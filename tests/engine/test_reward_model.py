@@ -2,7 +2,6 @@
 pairs and exports a folder scoring exactly like the trained model, and a 2-rank ZeRO-3 causal-backbone run."""
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -16,15 +15,6 @@ from tests.helpers import REPO, json_lines, run_deepspeed
 
 SMOKE_RM = REPO / "recipes/smoke/rm-minilm.yaml"
 TINY_RM = REPO / "recipes/tiny/rm.yaml"
-
-
-@pytest.fixture
-def restore_env():
-    """In-process runs set RANK/MASTER_PORT for a world of one; later launcher tests must not inherit them."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_bradley_terry_loss_by_hand():

@@ -2,7 +2,6 @@
 a LoRA run whose merged export reproduces the trained eval loss, and a real 2-rank ZeRO-3 run."""
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,6 @@ from engine.sft import SFTTask, sft_loss, train_sft
 from tests.helpers import REPO, json_lines, run_deepspeed
 
 TINY_SFT = REPO / "recipes/tiny/sft-zero3.yaml"
-
-
-@pytest.fixture
-def restore_env():
-    """In-process runs set RANK/MASTER_PORT for a world of one; later launcher tests must not inherit them."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_sft_loss_counts_response_tokens_only():

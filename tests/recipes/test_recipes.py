@@ -15,7 +15,7 @@ RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml"))
 
 
 def launch_world_size(text: str) -> int:
-    """World size from the header's launch command: --num_gpus x --num_nodes, or --nproc."""
+    """World size from the header's launch command: --num_gpus x --num_nodes (1 if neither is given)."""
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     gpus = re.search(r"--num_gpus\s+(\d+)", header)
     nodes = re.search(r"--num_nodes\s+(\d+)", header)
