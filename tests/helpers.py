@@ -20,13 +20,16 @@ def free_port() -> int:
 def run_deepspeed(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600,
                   env: dict | None = None) -> subprocess.CompletedProcess:
     """Start `deepspeed --num_gpus nproc script args...`; fail the test with the log if it fails."""
+    port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-           "--master_port", str(free_port()), str(script), *map(str, args)]
+           "--master_port", str(port), str(script), *map(str, args)]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"deepspeed run failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"the run left DeepSpeed shared-memory buffers behind (RAM leak): {leaked}"
     return proc
 
 
