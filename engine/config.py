@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Precision = Literal["fp32", "bf16", "fp16"]
+TrainPrecision = Literal["fp32", "bf16", "fp16", "bf16_autocast"]
 
 
 class Section(BaseModel):
@@ -101,7 +102,9 @@ class DeepSpeedSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage for trained models.")
     offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO 1-3).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3).")
-    precision: Precision = Field("fp32", description="Training precision (bf16/fp16 keep fp32 master weights).")
+    precision: TrainPrecision = Field(
+        "fp32", description="Training precision: bf16/fp16 = DeepSpeed half weights + fp32 master copies; "
+        "bf16_autocast = fp32 weights, grads and optimizer with bf16 matmuls (torch.autocast; fastest on CPU).")
     frozen_zero_stage: Optional[Literal[0, 3]] = Field(
         None, description="Reference/reward models: 3 = partitioned, 0 = replicated; default follows zero_stage.")
     gradient_clipping: float = Field(1.0, ge=0.0, description="Clip the global grad norm (0 = off).")
@@ -145,6 +148,12 @@ class GenerationSection(Section):
     do_sample: bool = Field(True, description="Sample (true) or greedy (false).")
     stop_strings: list[str] = Field(default_factory=list, description="Stop a response at any of these strings.")
     ignore_eos: bool = Field(False, description="Always generate max_new_tokens; tokens after EOS count too.")
+    dtype: Optional[Precision] = Field(
+        None, description="Weight dtype while generating (a temporary cast; trained weights untouched). "
+        "Default: bf16 under deepspeed.precision bf16_autocast, else the weights' own dtype.")
+    attn_implementation: Optional[Literal["sdpa", "eager", "flash_attention_2"]] = Field(
+        None, description="Attention kernel while generating (default: the model's). On CPU: train eager, "
+        "generate sdpa.")
 
 
 class PPOConfig(Section):

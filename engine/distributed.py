@@ -175,6 +175,11 @@ def ds_config(recipe: Recipe, sizes: BatchSizes, *, trainable: bool = True,
         cfg["zero_allow_untested_optimizer"] = True  # our torch AdamW is what DeepSpeed would build anyway
     if ds.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
+    elif ds.precision == "bf16_autocast":
+        # fp32 parameters and a plain (fused) AdamW; matmuls in bf16 inside the engine's forward.
+        # On CPU DeepSpeed's bf16 optimizer wrappers cost ~1 s per step for a 135M model (master-copy
+        # traffic, overflow checks); this path steps in 0.12 s (measured here).
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif ds.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                        "hysteresis": 2, "min_loss_scale": 1}
@@ -185,8 +190,14 @@ def config_zero_stage(ds_cfg: dict) -> int:
     return int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
 
 
+def autocast_dtype(engine) -> Optional[torch.dtype]:
+    """The torch.autocast dtype a DeepSpeed engine runs its forward under (None: no autocast)."""
+    enabled = getattr(engine, "torch_autocast_enabled", None)
+    return engine.torch_autocast_dtype() if enabled is not None and enabled() else None
+
+
 def config_dtype(ds_cfg: dict) -> torch.dtype:
-    """The compute dtype a DeepSpeed config selects (bf16, fp16 or fp32)."""
+    """The weight dtype a DeepSpeed config selects (bf16, fp16 or fp32; autocast keeps fp32 weights)."""
     if ds_cfg.get("bf16", {}).get("enabled"):
         return torch.bfloat16
     if ds_cfg.get("fp16", {}).get("enabled"):
@@ -242,7 +253,7 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
 def _make_optimizer(params: list[nn.Parameter], optim: OptimConfig, lr: float, offload: bool):
     kwargs = dict(lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if not offload:
-        return torch.optim.AdamW(params, **kwargs)
+        return torch.optim.AdamW(params, **kwargs, fused=True)
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

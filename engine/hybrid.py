@@ -53,6 +53,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from engine.distributed import autocast_dtype
+
 try:  # deepspeed is a hard dependency of the project; the import guard only keeps errors clear
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 except ImportError:  # pragma: no cover
@@ -61,6 +63,27 @@ except ImportError:  # pragma: no cover
 
 def _is_zero3_param(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id") and hasattr(p, "ds_status")
+
+
+class _CastWeights:
+    """Point every floating parameter at a `dtype` copy; `restore()` puts the original tensors back
+    (the very same storage, so weights and optimizer state are bit-identical afterwards)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        self.saved = [(p, p.data) for p in module.parameters() if p.is_floating_point() and p.dtype != dtype]
+        for p, data in self.saved:
+            p.data = data.to(dtype)
+
+    def restore(self) -> None:
+        for p, data in self.saved:
+            p.data = data
+        self.saved = []
+
+
+def _device_type(module: nn.Module) -> str:
+    """'cpu' or 'cuda' (etc.): where the module's parameters live, as torch.autocast names it."""
+    param = next(module.parameters(), None)
+    return param.device.type if param is not None else "cpu"
 
 
 def _sync_device() -> None:
@@ -283,9 +306,13 @@ class HybridEngine:
         layers_per_group: gather k decoder layers at a time to bound memory (ZeRO-3 only); None =
             gather the whole model once.
         enabled: False keeps the ZeRO-3 weights sharded and the hooks on (slow; for comparisons).
+        dtype: generate with the weights cast to this dtype (a temporary copy; the trained tensors are
+            restored untouched). Default: the engine's autocast dtype if it has one, else no cast.
+        attn_implementation: attention kernel while generating (e.g. "sdpa"), restored on exit.
     """
 
-    def __init__(self, actor_engine_or_module, *, layers_per_group: Optional[int] = None, enabled: bool = True):
+    def __init__(self, actor_engine_or_module, *, layers_per_group: Optional[int] = None, enabled: bool = True,
+                 dtype: Optional[torch.dtype] = None, attn_implementation: Optional[str] = None):
         if layers_per_group is not None and layers_per_group <= 0:
             raise ValueError(f"hybrid.layers_per_group must be a positive number of layers, got {layers_per_group}")
         engine = actor_engine_or_module
@@ -301,6 +328,10 @@ class HybridEngine:
                             "pass the DeepSpeedEngine returned by deepspeed.initialize to HybridEngine")
         self.layers_per_group = layers_per_group
         self.enabled = enabled
+        # generate() bypasses the engine's forward and its autocast: an autocast engine's weights
+        # are cast for generation instead (bf16 weights decode ~1.3x faster than fp32 under autocast)
+        self.dtype = dtype or autocast_dtype(engine)
+        self.attn_implementation = attn_implementation
         self.last_timings: dict[str, float] = {}
 
     @property
@@ -324,6 +355,13 @@ class HybridEngine:
                 undo.callback(_DetachedHooks(self.engine_hooks).restore)
                 if self.sharded:
                     groups = self._enter_sharded(undo)
+            if self.dtype is not None and groups is None:
+                undo.callback(_CastWeights(self.module, self.dtype).restore)
+            elif self.dtype is not None:  # grouped layers are gathered mid-forward: cast on the fly
+                undo.enter_context(torch.autocast(_device_type(self.module), dtype=self.dtype))
+            if self.attn_implementation and self.attn_implementation != self.model.config._attn_implementation:
+                undo.callback(self.model.set_attn_implementation, self.model.config._attn_implementation)
+                self.model.set_attn_implementation(self.attn_implementation)
             lora = _lora_layers(self.module)
             if lora and self.enabled and groups is None:
                 undo.callback(_LoraMerge(lora, backup=not self.sharded).restore)

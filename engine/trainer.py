@@ -23,7 +23,7 @@ from engine.data import collate_prompts, load_prompts
 from engine.distributed import (DistInfo, barrier, create_frozen_engine, create_train_engine,
                                 ds_config, init_distributed, zero_init_context)
 from engine.hybrid import HybridEngine
-from engine.models import load_policy, load_scalar_model, load_tokenizer
+from engine.models import dtype_of, load_policy, load_scalar_model, load_tokenizer
 from engine.rewards import build_reward, check_scores
 from engine.rollout import Rollout, forward_logprobs, forward_values, generate, micro_batched
 from engine.tracking import Tracker, archive_previous_run, plot_metrics, run_dir_for
@@ -102,7 +102,10 @@ def build_models(recipe: Recipe, sizes, dist: DistInfo, total_updates: int) -> M
             scalar = load_scalar_model(critic_cfg, cache, dtype=recipe.critic.dtype, init_head_seed=recipe.seed)
         critic = create_train_engine(scalar, recipe, sizes, lr=recipe.critic.lr or recipe.optim.lr,
                                      total_steps=total_updates)
-    hybrid = HybridEngine(actor, layers_per_group=recipe.hybrid.layers_per_group, enabled=recipe.hybrid.enabled)
+    gen = recipe.generation
+    hybrid = HybridEngine(actor, layers_per_group=recipe.hybrid.layers_per_group, enabled=recipe.hybrid.enabled,
+                          dtype=dtype_of(gen.dtype) if gen.dtype else None,
+                          attn_implementation=gen.attn_implementation)
     return Models(actor, reference, critic, hybrid)
 
 

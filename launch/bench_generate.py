@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from engine.distributed import init_distributed
 from engine.hybrid import HybridEngine, original_linear
 
 PROMPTS = ["Write a short poem about the sea.", "What is the capital of France?",
@@ -104,8 +105,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    init_distributed(num_threads=args.threads)
     rank, world = dist.get_rank(), dist.get_world_size()
 
     plain, ids, mask = load_unsharded(args.model, args.batch, rank)

@@ -63,9 +63,11 @@ def base_recipe(args, prompts: Path, name: str) -> dict:
 CONFIGS = {
     # same configuration as TRL: float32 everywhere
     "trl_equal": lambda r: r,
-    # recommended on CPU: bf16 compute (fp32 master weights in the optimizer), bf16 frozen models
-    # (the actor loads in fp32 so the fp32 master weights are exact; DeepSpeed casts the compute copy)
-    "recommended": lambda r: _merge(r, {"deepspeed": {"precision": "bf16"},
+    # recommended on CPU: fp32 weights/optimizer with bf16 matmuls (autocast), eager attention
+    # (SDPA's CPU backward is slow for short bf16 sequences), frozen models stored in bf16
+    "recommended": lambda r: _merge(r, {"deepspeed": {"precision": "bf16_autocast"},
+                                        "model": {"attn_implementation": "eager"},
+                                        "generation": {"attn_implementation": "sdpa"},
                                         "reference": {"name_or_path": "smollm2-135m-instruct", "dtype": "bf16"},
                                         "reward": {"model": {"dtype": "bf16"}}}),
 }

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.config import Recipe, RecipeError, derive_batch_sizes
-from engine.distributed import ds_config, frozen_stage, lr_lambda
+from engine.distributed import config_dtype, ds_config, frozen_stage, lr_lambda
 from tests.helpers import REPO, json_lines, run_deepspeed
 
 WORKER = Path(__file__).parent / "workers" / "zero3_step.py"
@@ -61,6 +62,38 @@ def test_fp32_and_fp16_precision_keys():
     r16 = recipe({"zero_stage": 1, "precision": "fp16"})
     cfg16 = ds_config(r16, derive_batch_sizes(r16, 2))
     assert cfg16["fp16"]["enabled"] is True and cfg16["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_plain_adamw():
+    r = recipe({"zero_stage": 0, "precision": "bf16_autocast"})
+    cfg = ds_config(r, derive_batch_sizes(r, 1))
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "bf16" not in cfg and "fp16" not in cfg and config_dtype(cfg) == torch.float32
+    frozen = ds_config(r, derive_batch_sizes(r, 1), trainable=False)
+    assert frozen["torch_autocast"]["enabled"]  # reference computes like the actor: KL starts at 0
+    # a real engine, in a fresh process (a world of one): bf16 compute, fp32 weights, fused AdamW
+    code = """
+import json, torch
+from engine.config import Recipe, derive_batch_sizes
+from engine.distributed import autocast_dtype, create_train_engine, init_distributed
+init_distributed()
+r = Recipe.model_validate(dict(name="t", stage="sft", model={"name_or_path": "tiny"}, data={"path": "x.jsonl"},
+                               train={"steps": 2, "mini_batch_size": 1, "micro_batch_size": 1},
+                               deepspeed={"precision": "bf16_autocast"}))
+engine = create_train_engine(torch.nn.Sequential(torch.nn.Linear(8, 8)), r, derive_batch_sizes(r, 1), total_steps=2)
+y = engine(torch.randn(4, 8))
+engine.backward(y.float().pow(2).mean())
+engine.step()
+print("RESULT " + json.dumps({"autocast": str(autocast_dtype(engine)), "out": str(y.dtype),
+      "weight": str(engine.module[0].weight.dtype), "optimizer": type(engine.optimizer).__name__,
+      "fused": engine.optimizer.defaults["fused"]}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json_lines(proc.stdout, "RESULT ")[0] == {"autocast": "torch.bfloat16", "out": "torch.bfloat16",
+                                                     "weight": "torch.float32", "optimizer": "AdamW",
+                                                     "fused": True}
 
 
 def test_frozen_config_has_no_optimizer_keys_and_follows_stage():

@@ -7,7 +7,7 @@ import pytest
 from tests.helpers import REPO, json_lines, run_deepspeed
 
 WORKER = REPO / "tests/engine/workers/hybrid_worker.py"
-ROUND_TRIPS = ["zero3_whole", "zero3_groups", "stage2", "lora_stage3", "lora_stage0"]
+ROUND_TRIPS = ["zero3_whole", "zero3_groups", "stage2", "lora_stage3", "lora_stage0", "cast_stage3", "cast_stage0"]
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +29,15 @@ def test_round_trip_is_exact_and_restores_everything(results, check):
         assert r["tokens_equal"], f"{where}: greedy tokens differ from the unsharded copy"
         assert r["logits_equal"], f"{where}: logits differ from the unsharded copy"
         assert r["new_tokens"] > 0
+        cast = check.startswith("cast")
         assert r["inside"] == {"training": False, "ckpt": False, "use_cache": True, "deepspeed_hooks": 0,
-                               "hooks": r["inside"]["hooks"]}, f"{where}: {r['inside']}"
+                               "hooks": r["inside"]["hooks"], "attn": "eager" if cast else "sdpa",
+                               "dtypes": ["torch.bfloat16" if cast else "torch.float32"]}, f"{where}: {r['inside']}"
         assert r["deepspeed_hooks_after"] >= 2, f"{where}: DeepSpeed hooks must be back after the context"
         assert r["shards_same"] and r["optim_same"], f"{where}: weights or optimizer state changed"
         assert r["hooks_same"] and r["training_same"], f"{where}: hooks or train modes not restored"
-        assert r["ckpt_restored"] and r["use_cache_restored"], where
+        assert r["ckpt_restored"] and r["use_cache_restored"] and r["attn_restored"], where
+        assert r["same_tensors"], f"{where}: parameters must get their very own tensors back"
         assert set(r["timings"]) >= {"gather_s", "generate_s", "release_s"}
 
 

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from engine.distributed import init_distributed
 from engine.hybrid import HybridEngine, original_linear
 
 NEW_TOKENS = 16
@@ -125,7 +126,8 @@ def check_round_trip(engine, ids, mask, reference, **hybrid_kw) -> dict:
     module = engine.module
     before = dict(shards=shards(module), optim=optimizer_tensors(engine), hooks=hook_ids(module),
                   training=[m.training for m in module.modules()], ckpt=module.is_activation_checkpointing,
-                  use_cache=module.config.use_cache)
+                  use_cache=module.config.use_cache, attn=module.config._attn_implementation,
+                  data=[(p.data_ptr(), p.dtype) for p in module.parameters()])
     with original_linear():  # the reference runs as it would in a process without ZeRO-3
         ref_out, ref_logits = greedy(reference, ids, mask), reference(ids, attention_mask=mask).logits
     hybrid = HybridEngine(engine, **hybrid_kw)
@@ -133,7 +135,8 @@ def check_round_trip(engine, ids, mask, reference, **hybrid_kw) -> dict:
         inside = dict(training=model.training, ckpt=model.is_activation_checkpointing,
                       use_cache=model.config.use_cache,
                       hooks=sum(len(a) + len(b) for a, b in hook_ids(module)),
-                      deepspeed_hooks=deepspeed_hooks(module))
+                      deepspeed_hooks=deepspeed_hooks(module), attn=model.config._attn_implementation,
+                      dtypes=sorted({str(p.dtype) for p in model.parameters() if p.numel()}))
         out = greedy(model, ids, mask)
         logits = model(ids, attention_mask=mask).logits
     return dict(
@@ -144,7 +147,11 @@ def check_round_trip(engine, ids, mask, reference, **hybrid_kw) -> dict:
         hooks_same=before["hooks"] == hook_ids(module),
         training_same=before["training"] == [m.training for m in module.modules()],
         ckpt_restored=module.is_activation_checkpointing == before["ckpt"],
-        use_cache_restored=module.config.use_cache == before["use_cache"], timings=hybrid.last_timings)
+        use_cache_restored=module.config.use_cache == before["use_cache"],
+        attn_restored=module.config._attn_implementation == before["attn"],
+        same_tensors=before["data"] == [(p.data_ptr(), p.dtype) for p in module.parameters()]
+        if not any(hasattr(p, "ds_id") for p in module.parameters()) else True,
+        timings=hybrid.last_timings)
 
 
 def stage3_checks(rank: int, ids, mask, emit) -> None:
@@ -208,7 +215,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)
     parser.parse_args()
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(num_threads=1)  # ours: also unlinks the CPU shm buffers DeepSpeed leaks
     rank = torch.distributed.get_rank()
     ids, mask = prompts(rank)
 
@@ -219,6 +226,14 @@ def main() -> None:
     engine2 = initialize(build_model(2), 2)
     train_step(engine2, torch.randint(3, 1000, (2, 12)))
     emit("stage2", check_round_trip(engine2, ids, mask, plain_copy(full_state(engine2.module))))
+    # generation in bf16 with another attention kernel: same as a bf16 copy; fp32 weights come back
+    for stage, engine in (("3", initialize(build_model(3), 3)), ("0", initialize(build_model(0), 0))):
+        reference = plain_copy(full_state(engine.module))
+        for p in reference.parameters():  # parameters only: buffers (rotary inv_freq) stay fp32
+            p.data = p.data.to(torch.bfloat16)
+        reference.set_attn_implementation("eager")
+        emit(f"cast_stage{stage}", check_round_trip(engine, ids, mask, reference, dtype=torch.bfloat16,
+                                                    attn_implementation="eager"))
     lora_checks(3, ids, mask, emit)
     lora_checks(0, ids, mask, emit)
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import transformers.integrations.deepspeed as hf_ds
 
 from engine.config import LoraConfig, ModelConfig
+from engine.distributed import init_distributed
 from engine.models import load_policy, load_scalar_model, load_tokenizer, resolve_model_path
 
 DS_CONFIG = {
@@ -57,7 +58,7 @@ def main():
     WORKDIR = Path(args.workdir)
     race_cache = str(WORKDIR / "cache")
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(num_threads=1)  # ours: also unlinks the CPU shm buffers DeepSpeed leaks
 
     # 1. both ranks build the same preset into an empty cache at once, inside a ZeRO-3 context
     dist.barrier()
