@@ -298,7 +298,13 @@ def create_frozen_engine(model: nn.Module, recipe: Recipe, sizes: BatchSizes, *,
     model.eval()
     model.requires_grad_(False)
     if config_zero_stage(cfg) != 3:
-        return model.to(device=local_device(), dtype=config_dtype(cfg))
+        model = model.to(device=local_device())
+        if not cfg.get("torch_autocast", {}).get("enabled"):
+            return model.to(dtype=config_dtype(cfg))
+        # the model keeps its own dtype and computes like the autocast actor (same kernels, same
+        # numerics: the KL of the untrained actor is exactly 0)
+        model.forward = torch.autocast(local_device().type, dtype=torch.bfloat16)(model.forward)
+        return model
     engine, *_ = deepspeed.initialize(model=model, config=cfg)
     engine.eval()
     return engine

@@ -75,7 +75,7 @@ def test_bf16_autocast_keeps_fp32_weights_and_plain_adamw():
     code = """
 import json, torch
 from engine.config import Recipe, derive_batch_sizes
-from engine.distributed import autocast_dtype, create_train_engine, init_distributed
+from engine.distributed import autocast_dtype, create_frozen_engine, create_train_engine, init_distributed
 init_distributed()
 r = Recipe.model_validate(dict(name="t", stage="sft", model={"name_or_path": "tiny"}, data={"path": "x.jsonl"},
                                train={"steps": 2, "mini_batch_size": 1, "micro_batch_size": 1},
@@ -84,14 +84,17 @@ engine = create_train_engine(torch.nn.Sequential(torch.nn.Linear(8, 8)), r, deri
 y = engine(torch.randn(4, 8))
 engine.backward(y.float().pow(2).mean())
 engine.step()
-print("RESULT " + json.dumps({"autocast": str(autocast_dtype(engine)), "out": str(y.dtype),
+frozen = create_frozen_engine(torch.nn.Linear(8, 8), r, derive_batch_sizes(r, 1))
+print("RESULT " + json.dumps({"frozen_out": str(frozen(torch.randn(2, 8)).dtype), "frozen_weight": str(frozen.weight.dtype),
+      "autocast": str(autocast_dtype(engine)), "out": str(y.dtype),
       "weight": str(engine.module[0].weight.dtype), "optimizer": type(engine.optimizer).__name__,
       "fused": engine.optimizer.defaults["fused"]}))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json_lines(proc.stdout, "RESULT ")[0] == {"autocast": "torch.bfloat16", "out": "torch.bfloat16",
+    assert json_lines(proc.stdout, "RESULT ")[0] == {"frozen_out": "torch.bfloat16", "frozen_weight": "torch.float32",
+                                                     "autocast": "torch.bfloat16", "out": "torch.bfloat16",
                                                      "weight": "torch.float32", "optimizer": "AdamW",
                                                      "fused": True}
 
