@@ -20,7 +20,11 @@ How (architecture-agnostic, exact; no injected kernels, no second model):
 4. LoRA (peft): adapters are merged into the (gathered) base weights for generation. On exit they
    are unmerged; for ZeRO-3 the gathered copies are simply discarded (the shards ``ds_tensor`` were
    never touched), for stages 0-2 the base weights are restored from a saved copy, bit for bit;
-5. exit: parameters we gathered are re-partitioned with ``has_been_updated=False`` (the gathered
+5. generation dtype / attention (optional): every parameter is pointed at a cast copy (e.g. bf16:
+   an autocast-trained actor keeps fp32 weights, and bf16 weights decode faster on CPU than fp32
+   weights under autocast) and the attention kernel may be switched (CPU: train with eager, whose
+   backward is fast, generate with SDPA); on exit the original tensors and kernel come back;
+6. exit: parameters we gathered are re-partitioned with ``has_been_updated=False`` (the gathered
    memory is freed, the shards and the optimizer state are untouched), hooks and flags restored.
 
 We chose in-place gathering over an "inference copy" (a second, unsharded module filled from the

@@ -154,6 +154,24 @@ def warp_logits(logits: torch.Tensor, gen: GenerationSection) -> torch.Tensor:
     return logits
 
 
+def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of probs [B, V] (rows sum to 1, zeros allowed) -> [B] int64.
+
+    Inverse-CDF sampling: one uniform number per row against the float64 cumulative sum. Same
+    distribution as `torch.multinomial(probs, 1)`, which draws an exponential variate for every
+    vocabulary entry: 16 ms vs 3 ms per token for [8, 49152] on 2 CPU cores (measured here), i.e.
+    ~0.4 s of every 32-token rollout. Zero-probability entries are never chosen.
+    """
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1).squeeze(1)
+    # u * total can round up to the total itself: step back from any trailing zero-probability entry
+    bad = probs.gather(1, idx[:, None]).squeeze(1) <= 0
+    if bool(bad.any()):
+        idx = torch.where(bad, probs.argmax(-1), idx)
+    return idx
+
+
 @torch.no_grad()
 def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationSection, *,
                   eos_token_id: Optional[int], pad_token_id: int, synced: bool = False) -> torch.Tensor:
@@ -180,8 +198,7 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
         if eos_token_id is not None and t < gen.min_new_tokens:
             logits[:, eos_token_id] = float("-inf")
         if gen.do_sample:
-            probs = warp_logits(logits, gen).softmax(-1)
-            nxt = torch.multinomial(probs, 1).squeeze(1)
+            nxt = sample_categorical(warp_logits(logits, gen).softmax(-1))
         else:
             nxt = logits.argmax(-1)
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))

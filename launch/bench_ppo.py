@@ -98,8 +98,10 @@ def run_config(args, name: str, recipe: dict, nproc: int = 1, extra: tuple = ())
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    if proc.returncode != 0:  # report it and go on with the other configurations
+        print(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}", file=sys.stderr, flush=True)
+        return {"config": name, "nproc": nproc, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"],
+                "step_s_median": float("nan"), "phases_median_s": {}, "peak_rss_mib": None}
     rows = [json.loads(line) for line in (Path(recipe["output_dir"]) / recipe["name"] / "metrics.jsonl").open()]
     timed = rows[args.warmup:]
     med = lambda key: round(statistics.median(r.get(key) or 0.0 for r in timed), 4)  # noqa: E731
@@ -194,6 +196,7 @@ def main() -> int:
     if args.zero3:
         recipe = CONFIGS["recommended"](base_recipe(args, prompts, "recommended_zero3_2ranks"))
         recipe["deepspeed"]["zero_stage"] = 3
+        recipe["train"]["micro_batch_size"] = args.batch_size // 2  # each rank takes half of the batch
         results.append(run_config(args, "recommended_zero3_2ranks", recipe, nproc=2))
         print("RESULT_JSON " + json.dumps(results[-1]), flush=True)
     trl = run_trl(args) if args.with_trl else None

@@ -9,7 +9,7 @@ import torch
 
 from engine.config import GenerationSection, ModelConfig
 from engine.models import load_policy, load_tokenizer
-from engine.rollout import generate, sample_tokens, warp_logits
+from engine.rollout import generate, sample_categorical, sample_tokens, warp_logits
 
 PROMPTS = ["Write one sentence about the sea.", "Hi", "Name three colours, please, and explain why you like them."]
 
@@ -84,3 +84,15 @@ def test_warp_logits_top_k_top_p_temperature():
     assert keep(GenerationSection(top_p=0.8)) == [False, False, False, True, True]
     assert keep(GenerationSection(top_p=float(probs[2:].sum()) + 1e-3)) == [False, True, True, True, True]
     assert torch.allclose(warp_logits(logits, GenerationSection(temperature=2.0)), logits / 2)
+
+
+def test_sample_categorical_matches_the_distribution_and_skips_zeros():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0])
+    draws = sample_categorical(probs.repeat(100_000, 1))
+    freq = torch.bincount(draws, minlength=5).double() / draws.numel()
+    assert freq[1] == 0 and freq[4] == 0, "zero-probability tokens must never be drawn"
+    assert torch.allclose(freq, probs.double(), atol=5e-3), freq  # ~5 standard errors
+    one_hot = torch.zeros(3, 7)
+    one_hot[torch.arange(3), torch.tensor([6, 0, 3])] = 1.0
+    assert sample_categorical(one_hot).tolist() == [6, 0, 3]
