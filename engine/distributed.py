@@ -59,14 +59,14 @@ def init_distributed(num_threads: Optional[int] = None) -> DistInfo:
         accelerator.set_device(local_rank)  # before init, so nccl binds the right GPU
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    _unlink_shm_allreduce_buffer(rank, world_size)
+    _unlink_shm_allreduce_buffer(rank)
     local_world = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
     torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // local_world))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=local_device(),
                     is_main=rank == 0)
 
 
-def _unlink_shm_allreduce_buffer(rank: int, world_size: int) -> None:
+def _unlink_shm_allreduce_buffer(rank: int) -> None:
     """Remove this rank's name of DeepSpeed's CPU shared-memory all-reduce buffer.
 
     DeepSpeed's CPU backend creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``

@@ -186,7 +186,7 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
 
     B = prompt_ids.shape[0]
     mask = prompt_mask.long()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids_from_mask(mask)
     cache = DynamicCache(config=model.config)
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
