@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 CACHE_ENV = "RLHF_ENGINE_CACHE"
 COMPLETE_MARKER = "rlhf_engine_cache.json"  # written last inside the folder, before the rename
+# Bumped when older cached folders must not be trusted. 2: builds by a rank other than 0 held no
+# weights (transformers skipped the save), yet were marked complete.
+CACHE_VERSION = 2
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 1234  # fixed so every rank and every machine builds the same tiny weights
 
@@ -83,8 +86,29 @@ def _whole_models():
         hf_ds._hf_deepspeed_config_weak_ref = hf_ref
 
 
+def save_whole_model(model, out: Path) -> None:
+    """``model.save_pretrained(out)`` on whichever rank builds the cache.
+
+    transformers (v5) silently writes no config and no weights when torch.distributed is up and the
+    rank is not 0; a cache build runs on the rank that wins the lock, which may be any rank (or a
+    node's first rank in a multi-node job), so the check is switched off for this one call.
+    """
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        model.save_pretrained(out)
+    finally:
+        del model.should_save_on_this_rank
+    missing = [name for name in ("config.json",) if not (out / name).is_file()]
+    if missing or not any(out.glob("*.safetensors")):
+        raise RuntimeError(f"saving {type(model).__name__} to {out} wrote no {missing or 'weights'}")
+
+
 def is_complete(folder: Path) -> bool:
-    return (folder / COMPLETE_MARKER).is_file()
+    """A finished build of the current cache format (older folders are rebuilt once)."""
+    try:
+        return json.loads((folder / COMPLETE_MARKER).read_text()).get("cache_version") == CACHE_VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def cached_folder(root: Path, key: str, build: Callable[[Path], None], what: str) -> Path:
@@ -108,7 +132,7 @@ def cached_folder(root: Path, key: str, build: Callable[[Path], None], what: str
             logger.warning("rlhf-engine: building %s once into %s", what, final)
             with _whole_models():
                 build(tmp)
-            info = {"what": what, "seconds": round(time.perf_counter() - start, 2), "created": time.time()}
+            info = {"cache_version": CACHE_VERSION, "what": what, "seconds": round(time.perf_counter() - start, 2), "created": time.time()}
             (tmp / COMPLETE_MARKER).write_text(json.dumps(info, indent=1))
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared by users
             try:
@@ -152,7 +176,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
         del model.config.quantization_config
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
+    save_whole_model(model, out)
     tokenizer.save_pretrained(out)  # includes the chat template (chat_template.jinja)
 
 
@@ -187,7 +211,7 @@ def _save_seeded(model_cls, config, tokenizer, out: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         model = model_cls(config)
-    model.save_pretrained(out)
+    save_whole_model(model, out)
     tokenizer.save_pretrained(out)
 
 

@@ -315,8 +315,10 @@ def test_zero3_two_ranks(tmp_path):
     run_deepspeed(WORKER, str(tmp_path))
     rows = [json.loads(line) for f in sorted(tmp_path.glob("rank*.jsonl")) for line in f.read_text().splitlines()]
     by = lambda check: sorted((r for r in rows if r["check"] == check), key=lambda r: r["rank"])  # noqa: E731
-    race, scalar, lora = by("race"), by("scalar"), by("lora")
-    assert len(race) == len(scalar) == len(lora) == 2
+    race, solo, scalar, lora = by("race"), by("rank1_build"), by("scalar"), by("lora")
+    assert len(race) == len(solo) == len(scalar) == len(lora) == 2
+    # built by rank 1 alone: the whole model is there, not just the tokenizer
+    assert {"config.json", "model.safetensors", "tokenizer.json", COMPLETE_MARKER} <= set(solo[0]["files"])
     assert race[0]["folder"] == race[1]["folder"] and race[0]["entries"] == [".tiny-bert.lock", "tiny-bert"]
     built = Path(race[0]["folder"]) / "model.safetensors"
     with safe_open(built, "pt") as a, safe_open(Path(resolve_model_path(

@@ -67,6 +67,13 @@ def main():
     dist.barrier()
     report("race", folder=folder, entries=sorted(os.listdir(os.path.join(race_cache, "models"))))
 
+    # 1b. rank 1 alone builds a preset (transformers writes nothing off rank 0 unless told to)
+    solo_cache = WORKDIR / "cache_rank1"
+    if dist.get_rank() == 1:
+        resolve_model_path(ModelConfig(name_or_path="tiny-bert"), cache_dir=str(solo_cache))
+    dist.barrier()
+    report("rank1_build", files=sorted(os.listdir(solo_cache / "models" / "tiny-bert")))
+
     tiny = ModelConfig(name_or_path="tiny-llama")
     tokenizer = load_tokenizer(tiny)
     batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
