@@ -172,6 +172,20 @@ def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
     return idx
 
 
+def _cache_keyword(model) -> str:
+    """The forward keyword of the KV cache: 'cache' from transformers 5.24 on, 'past_key_values' before.
+
+    Read from the signature of the innermost Hugging Face model (peft and DeepSpeed wrap it): passing
+    'cache' to an older model would land in **kwargs and silently decode without a cache.
+    """
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationSection, *,
                   eos_token_id: Optional[int], pad_token_id: int, synced: bool = False) -> torch.Tensor:
@@ -187,9 +201,9 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
     B = prompt_ids.shape[0]
     mask = prompt_mask.long()
     positions = position_ids_from_mask(mask)
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    cache = {_cache_keyword(model): DynamicCache(config=model.config)}
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1, **cache)
     next_pos = positions[:, -1:] + 1
     unfinished = torch.ones(B, dtype=torch.bool, device=prompt_ids.device)
     tokens = []
@@ -208,8 +222,8 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
         if t == gen.max_new_tokens - 1 or (not synced and not bool(unfinished.any())):
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        out = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
+        out = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=next_pos, use_cache=True,
+                    **cache)
         next_pos = next_pos + 1
     return torch.stack(tokens, dim=1)
 
