@@ -81,14 +81,21 @@ r = Recipe.model_validate(dict(name="t", stage="sft", model={"name_or_path": "ti
                                train={"steps": 2, "mini_batch_size": 1, "micro_batch_size": 1},
                                deepspeed={"precision": "bf16_autocast"}))
 engine = create_train_engine(torch.nn.Sequential(torch.nn.Linear(8, 8)), r, derive_batch_sizes(r, 1), total_steps=2)
-y = engine(torch.randn(4, 8))
+x = torch.randn(4, 8)
+copy = torch.nn.Linear(8, 8)
+copy.load_state_dict(engine.module[0].state_dict())
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    expected = torch.autograd.grad(copy(x).float().pow(2).mean(), copy.weight)[0]
+y = engine(x)
 engine.backward(y.float().pow(2).mean())
+grad_ok = torch.equal(engine.module[0].weight.grad, expected)  # no all-reduce in a world of one, same gradient
 engine.step()
 frozen = create_frozen_engine(torch.nn.Linear(8, 8), r, derive_batch_sizes(r, 1))
 print("RESULT " + json.dumps({"frozen_out": str(frozen(torch.randn(2, 8)).dtype), "frozen_weight": str(frozen.weight.dtype),
       "autocast": str(autocast_dtype(engine)), "out": str(y.dtype),
       "weight": str(engine.module[0].weight.dtype), "optimizer": type(engine.optimizer).__name__,
-      "fused": engine.optimizer.defaults["fused"]}))
+      "fused": engine.optimizer.defaults["fused"],
+      "allreduce": engine.enable_backward_allreduce, "grad_ok": grad_ok}))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -96,7 +103,7 @@ print("RESULT " + json.dumps({"frozen_out": str(frozen(torch.randn(2, 8)).dtype)
     assert json_lines(proc.stdout, "RESULT ")[0] == {"frozen_out": "torch.bfloat16", "frozen_weight": "torch.float32",
                                                      "autocast": "torch.bfloat16", "out": "torch.bfloat16",
                                                      "weight": "torch.float32", "optimizer": "AdamW",
-                                                     "fused": True}
+                                                     "fused": True, "allreduce": False, "grad_ok": True}
 
 
 def test_frozen_config_has_no_optimizer_keys_and_follows_stage():
