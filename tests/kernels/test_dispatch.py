@@ -75,3 +75,15 @@ def test_import_and_run_without_triton():
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
     _dispatch.triton_available.cache_clear()
+
+
+def test_engine_computes_logprobs_only_through_kernels():
+    """The engine has no log-softmax of its own (it would materialise [tokens, vocab] float32)."""
+    offenders = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "engine")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path) as fh:
+                    offenders += [f"{path}:{i}" for i, line in enumerate(fh, 1) if "log_softmax" in line]
+    assert os.path.isfile(os.path.join(ROOT, "engine", "trainer.py")) and not offenders, offenders
