@@ -98,9 +98,8 @@ def save_whole_model(model, out: Path) -> None:
         model.save_pretrained(out)
     finally:
         del model.should_save_on_this_rank
-    missing = [name for name in ("config.json",) if not (out / name).is_file()]
-    if missing or not any(out.glob("*.safetensors")):
-        raise RuntimeError(f"saving {type(model).__name__} to {out} wrote no {missing or 'weights'}")
+    if not (out / "config.json").is_file() or not any(out.glob("*.safetensors")):
+        raise RuntimeError(f"saving {type(model).__name__} to {out} left no config.json or no *.safetensors")
 
 
 def is_complete(folder: Path) -> bool:
