@@ -131,7 +131,8 @@ def cached_folder(root: Path, key: str, build: Callable[[Path], None], what: str
             logger.warning("rlhf-engine: building %s once into %s", what, final)
             with _whole_models():
                 build(tmp)
-            info = {"cache_version": CACHE_VERSION, "what": what, "seconds": round(time.perf_counter() - start, 2), "created": time.time()}
+            info = {"cache_version": CACHE_VERSION, "what": what, "seconds": round(time.perf_counter() - start, 2),
+                    "created": time.time()}
             (tmp / COMPLETE_MARKER).write_text(json.dumps(info, indent=1))
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared by users
             try:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,11 +80,7 @@ def test_import_and_run_without_triton():
 
 def test_engine_computes_logprobs_only_through_kernels():
     """The engine has no log-softmax of its own (it would materialise [tokens, vocab] float32)."""
-    offenders = []
-    for folder, _, files in os.walk(os.path.join(ROOT, "engine")):
-        for name in files:
-            if name.endswith(".py"):
-                path = os.path.join(folder, name)
-                with open(path) as fh:
-                    offenders += [f"{path}:{i}" for i, line in enumerate(fh, 1) if "log_softmax" in line]
-    assert os.path.isfile(os.path.join(ROOT, "engine", "trainer.py")) and not offenders, offenders
+    sources = sorted(Path(ROOT, "engine").rglob("*.py"))
+    offenders = [f"{path}:{i}" for path in sources
+                 for i, line in enumerate(path.read_text().splitlines(), 1) if "log_softmax" in line]
+    assert Path(ROOT, "engine", "trainer.py") in sources and not offenders, offenders
