@@ -66,6 +66,9 @@ class RewardConfig(Section):
         None, description="'module:function' (type: callable) taking (prompts, responses) -> list of floats.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the reward.")
     scale: float = Field(1.0, description="Multiply every score by this.")
+    share_reference_backbone: bool = Field(
+        True, description="A reward model with exactly the reference's backbone weights scores from the reference "
+                          "forward (one frozen forward and one copy of the weights instead of two).")
 
     @model_validator(mode="after")
     def _needs_source(self):

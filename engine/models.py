@@ -321,8 +321,18 @@ class ScalarModel(nn.Module):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self._base().base_model(input_ids=input_ids, attention_mask=attention_mask,
                                          position_ids=position_ids, use_cache=False).last_hidden_state
-        values = self._head()(hidden).squeeze(-1).float()
+        return self.values_from_hidden(hidden, attention_mask)
+
+    def values_from_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The head over a causal backbone's final hidden states: [B, T, H] -> [B, T] float32 (0 at padding)."""
+        head = self._head()
+        values = head(hidden.to(head.weight.dtype)).squeeze(-1).float()
         return values.masked_fill(attention_mask == 0, 0.0)
+
+    def scores_from_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``scores`` of a causal backbone from its final hidden states: [B, T, H] -> [B] float32."""
+        last = last_token_index(attention_mask)
+        return self.values_from_hidden(hidden, attention_mask).gather(1, last[:, None]).squeeze(1)
 
     def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One score per sequence: [B, T] ids and mask -> [B] float32.
@@ -333,9 +343,8 @@ class ScalarModel(nn.Module):
         if self.encoder:
             input_ids, attention_mask = _to_right_padding(input_ids, attention_mask)
             return self.hf_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-        values = self.values(input_ids, attention_mask)
         last = last_token_index(attention_mask)
-        return values.gather(1, last[:, None]).squeeze(1)
+        return self.values(input_ids, attention_mask).gather(1, last[:, None]).squeeze(1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: Optional[torch.Tensor] = None, per_token: bool = False) -> torch.Tensor:

@@ -270,6 +270,50 @@ class ModelReward(RewardFunction):
         return raw * self.scale
 
 
+    # ---- a backbone shared with the reference policy -------------------------------------------
+    def share_backbone(self, reference) -> bool:
+        """Reuse the reference policy's backbone if it holds exactly this reward model's backbone.
+
+        True when both come from the same checkpoint folder with the same attention implementation,
+        the reward reads the policy's token ids, neither is partitioned (ZeRO-3) or an adapter model,
+        and every backbone tensor is equal (names, dtypes, values). Then this model's own copy is
+        dropped (its ``.model`` now runs the reference's backbone) and ``score_hidden`` turns the
+        reference forward's final hidden states into scores: one frozen forward and one copy of the
+        weights instead of two (TRL's workload builds reward and reference from the same weights).
+        """
+        scalar = self.model
+        backbone = getattr(scalar, "hf_model", None)
+        ref_backbone = getattr(reference, "base_model", None)
+        if (not self.same_tokenizer or getattr(scalar, "encoder", True) or backbone is None or ref_backbone is None
+                or type(backbone.base_model) is not type(ref_backbone)
+                or not isinstance(getattr(backbone, "base_model_prefix", None), str)):
+            return False
+        mine, theirs = backbone.base_model, ref_backbone
+        if (mine.config._name_or_path != theirs.config._name_or_path
+                or mine.config._attn_implementation != theirs.config._attn_implementation):
+            return False
+        a, b = mine.state_dict(), theirs.state_dict()
+        if a.keys() != b.keys() or any(hasattr(t, "ds_id") for t in (*a.values(), *b.values())):
+            return False
+        if not all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a):
+            return False
+        setattr(backbone, backbone.base_model_prefix, theirs)
+        self.shared_backbone = True
+        return True
+
+    shared_backbone = False
+
+    @torch.no_grad()
+    def score_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                     prompts: Optional[list[str]] = None, responses: Optional[list[str]] = None) -> torch.Tensor:
+        """Scores [B] (float32, CPU, scaled, checked) from the shared backbone's final hidden states [B, L, H]
+        of the policy token ids ``input_ids`` [B, L] (used only to name a bad sample)."""
+        raw = self.model.scores_from_hidden(hidden, attention_mask).float().cpu()
+        if not bool(torch.isfinite(raw).all()):
+            check_scores(raw, self.name, *self._texts(input_ids, attention_mask, prompts, responses))
+        return raw * self.scale
+
+
 def load_model_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None
                       ) -> ModelReward:
     """Load the reward model of ``reward.model`` (via engine.models) and its tokenizer."""

@@ -229,16 +229,26 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
 
 
 def forward_logprobs(model: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
-                     temperature: float = 1.0, *, return_entropy: bool = False):
+                     temperature: float = 1.0, *, return_entropy: bool = False,
+                     hidden_out: Optional[list] = None):
     """Log-probs [B, R] of the last R tokens of `input_ids` [B, L] (and entropy [B, R] if asked).
 
     `model` is an HF causal LM or a DeepSpeed engine wrapping one. Only the R+1 last positions go
     through the LM head (`logits_to_keep`), and the log-softmax is the chunked kernel, so no
-    [B, L, V] float32 tensor exists.
+    [B, L, V] float32 tensor exists. `hidden_out`: a list that receives the backbone's final
+    hidden states [B, L, H] (a reward head sharing this backbone reads them).
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), logits_to_keep=response_len + 1,
-                use_cache=False)
+    hook = None
+    if hidden_out is not None:
+        backbone = getattr(model, "module", model).base_model
+        hook = backbone.register_forward_hook(lambda _m, _a, out: hidden_out.append(out.last_hidden_state))
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), logits_to_keep=response_len + 1,
+                    use_cache=False)
+    finally:
+        if hook is not None:
+            hook.remove()
     logits = out.logits[:, -response_len - 1:-1]
     labels = input_ids[:, -response_len:]
     return kernels.logprobs_from_logits(logits, labels, temperature, return_entropy=return_entropy)

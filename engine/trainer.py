@@ -21,7 +21,7 @@ from engine.checkpoint import CheckpointManager
 from engine.config import Recipe, derive_batch_sizes
 from engine.data import collate_prompts, load_prompts
 from engine.distributed import (DistInfo, barrier, create_frozen_engine, create_train_engine,
-                                ds_config, init_distributed, zero_init_context)
+                                ds_config, init_distributed, unwrap, zero_init_context)
 from engine.hybrid import HybridEngine
 from engine.models import dtype_of, load_policy, load_scalar_model, load_tokenizer
 from engine.rewards import build_reward, check_scores
@@ -139,6 +139,11 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
     models = build_models(recipe, sizes, dist, total_updates=tcfg.steps * updates_per_step)
     reward_fn = build_reward(recipe.reward, policy_tokenizer=tokenizer, cache_dir=recipe.cache_dir,
                              device=dist.device)
+    if (recipe.reward.share_reference_backbone and hasattr(reward_fn, "share_backbone")
+            and reward_fn.share_backbone(unwrap(models.reference))):
+        if dist.is_main:
+            print("[models] the reward model's backbone is the reference's (same checkpoint, equal weights): "
+                  "one frozen forward scores both", flush=True)
     kl_ctl = rl.make_kl_controller(ppo)
     score_stats = rl.RunningMoments()
     sampler = PromptSampler(len(train_ds), tcfg.rollout_batch_size, recipe.seed)
@@ -160,13 +165,12 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
                     tokenizer.batch_decode(resp, skip_special_tokens=True))
         seq, attn, R, mb = r.sequences, r.attention_mask, resp.shape[1], sizes.micro_batch_size
         with timer("score"), torch.no_grad():
-            scored = (("logprobs", models.actor),) if score_actor else ()
-            for name, model in scored + (("ref_logprobs", models.reference),):
-                lp = micro_batched(lambda s, a: forward_logprobs(model, s, a, R, gen.temperature), mb, seq, attn)
-                setattr(r, name, lp * rmask)
+            if score_actor:
+                r.logprobs = micro_batched(lambda s, a: forward_logprobs(models.actor, s, a, R, gen.temperature),
+                                           mb, seq, attn) * rmask
             if with_values and score_actor and models.critic is not None:
                 r.values = micro_batched(lambda s, a: forward_values(models.critic, s, a, R), mb, seq, attn) * rmask
-            r.scores = _score(reward_fn, r, seq, attn)
+            r.ref_logprobs, r.scores = _score_reference_and_reward(models.reference, reward_fn, r, mb, gen.temperature)
         return r, {**timer.times, **{f"hybrid/{k}": v for k, v in models.hybrid.last_timings.items()}}
 
     def evaluate(step: int) -> dict:
@@ -364,6 +368,26 @@ def _update(models: Models, r: Rollout, advantages, returns, sizes, recipe: Reci
 def _accumulate(agg: dict, values: dict) -> None:
     for k, v in values.items():
         agg.setdefault(k, []).append(v.float().reshape(()))
+
+
+def _score_reference_and_reward(reference, reward_fn, r: Rollout, micro: int, temperature: float):
+    """Reference log-probs [B, R] (0 past the response mask) and sequence scores [B] of a rollout (no grad).
+
+    A reward model that shares the reference's backbone (``ModelReward.share_backbone``) scores
+    from the reference forward's final hidden states: one frozen forward per micro-batch.
+    """
+    seq, attn, mask, R = r.sequences, r.attention_mask, r.response_mask, r.response_ids.shape[1]
+    if not getattr(reward_fn, "shared_backbone", False):
+        ref_lp = micro_batched(lambda s, a: forward_logprobs(reference, s, a, R, temperature), micro, seq, attn)
+        return ref_lp * mask, _score(reward_fn, r, seq, attn)
+    ref_lp, scores = [], []
+    for rows in _micro_slices(torch.arange(len(seq)), micro):
+        hidden = []
+        ref_lp.append(forward_logprobs(reference, seq[rows], attn[rows], R, temperature, hidden_out=hidden))
+        scores.append(reward_fn.score_hidden(hidden[0], seq[rows], attn[rows],
+                                             prompts=[r.prompts[i] for i in rows.tolist()],
+                                             responses=[r.responses[i] for i in rows.tolist()]))
+    return torch.cat(ref_lp) * mask, torch.cat(scores).to(seq.device).float()
 
 
 def _score(reward_fn, r: Rollout, seq, attn) -> torch.Tensor:

@@ -72,3 +72,22 @@ def test_fused_scoring_equals_a_separate_scoring_pass_zero3(tmp_path):
     for a, b in zip(fused, separate):
         for key in LOSSES + ("advantages/mean", "returns/mean", "policy/clipfrac"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
+
+
+
+def test_reward_model_sharing_the_reference_backbone_changes_nothing_but_the_work(tmp_path):
+    """Reward model = the reference's checkpoint + a scalar head (TRL's workload): scored from the
+    reference forward, the run is the same as with the reward model's own copy."""
+    common = ("deepspeed.zero_stage=0", "train.steps=2", "reward.type=model", "reward.kwargs={}",
+              "reward.model.name_or_path=tiny-llama")
+    runs = {}
+    for name, extra in (("shared", ()), ("own", ("reward.share_reference_backbone=false",))):
+        proc = run_deepspeed("launch/train.py", RECIPE, f"--set=output_dir={tmp_path}", f"--set=name={name}",
+                             *[f"--set={o}" for o in common + extra])
+        runs[name] = (read_jsonl(tmp_path / name / "metrics.jsonl"), proc.stdout)
+    (shared, shared_log), (own, own_log) = runs["shared"], runs["own"]
+    assert "backbone is the reference's" in shared_log and "backbone is the reference's" not in own_log
+    assert len(shared) == len(own) == 2 and shared[0]["score/std"] > 0
+    for a, b in zip(shared, own):
+        for key in ("score/mean", "score/std", "kl/mean", "loss/policy", "loss/value"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key, a[key], b[key])

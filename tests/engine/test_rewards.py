@@ -139,3 +139,43 @@ def test_model_reward_scores_text_and_token_ids_alike():
     direct.model._head().weight.data.fill_(float("nan"))
     with pytest.raises(RewardError, match=r"reward 'model tiny-bert' returned nan for sample 0: .*'I love this"):
         direct.score_tokens(ids, mask, prompts=prompts, responses=responses)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_reward_sharing_the_reference_backbone_scores_exactly_as_its_own_copy(dtype):
+    """TRL's workload builds the reward model and the reference from the same weights: one forward serves both."""
+    from engine.config import ModelConfig
+    from engine.models import load_policy, load_tokenizer
+    from engine.rollout import forward_logprobs
+
+    model_cfg = ModelConfig(name_or_path="tiny-llama", dtype=dtype)
+    tok = load_tokenizer(model_cfg)
+    reference = load_policy(model_cfg, for_training=False)
+    enc = tok(["Hello there, how are you today?", "Four."], return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+
+    def build():
+        return build_reward(RewardConfig(type="model", model=model_cfg, scale=2.0), policy_tokenizer=tok)
+
+    reward = build()
+    own_scores = reward.score_tokens(ids, mask)
+    own_backbone = reward.model.hf_model.model
+    assert reward.share_backbone(reference) and reward.shared_backbone
+    assert reward.model.hf_model.model is reference.model and own_backbone is not reference.model
+    hidden = []
+    with torch.no_grad():
+        ref_lp = forward_logprobs(reference, ids, mask, 3, hidden_out=hidden)
+        torch.testing.assert_close(ref_lp, forward_logprobs(reference, ids, mask, 3), rtol=0, atol=0)
+    assert len(hidden) == 1 and hidden[0].shape == (*ids.shape, reference.config.hidden_size)
+    shared_scores = reward.score_hidden(hidden[0], ids, mask)
+    torch.testing.assert_close(shared_scores, own_scores, rtol=0, atol=0)
+    torch.testing.assert_close(reward.score_tokens(ids, mask), own_scores, rtol=0, atol=0)  # .model still works
+
+    # any difference in the weights (or their dtype) keeps the reward model's own copy
+    other = build()
+    with torch.no_grad():
+        other.model.hf_model.model.norm.weight[0] += 0.5  # visible in bf16 too
+    assert not other.share_backbone(reference) and not other.shared_backbone
+    cast = build_reward(RewardConfig(type="model", model=model_cfg.model_copy(
+        update={"dtype": "bf16" if dtype == "fp32" else "fp32"})), policy_tokenizer=tok)
+    assert not cast.share_backbone(reference)
