@@ -24,7 +24,9 @@ How (architecture-agnostic, exact; no injected kernels, no second model):
    an autocast-trained actor keeps fp32 weights, and bf16 weights decode faster on CPU than fp32
    weights under autocast) and the attention kernel may be switched (CPU: train with eager, whose
    backward is fast, generate with SDPA); on exit the original tensors and kernel come back;
-6. exit: parameters we gathered are re-partitioned with ``has_been_updated=False`` (the gathered
+6. decode steps (CPU, bf16): linears over a few rows run as ``W @ x.T`` (``decode_linear``), a
+   faster kernel for memory-bound skinny products;
+7. exit: parameters we gathered are re-partitioned with ``has_been_updated=False`` (the gathered
    memory is freed, the shards and the optimizer state are untouched), hooks and flags restored.
 
 We chose in-place gathering over an "inference copy" (a second, unsharded module filled from the
@@ -119,6 +121,38 @@ def original_linear() -> Iterator[None]:
         yield
     finally:
         F.linear = patched
+
+
+DECODE_ROWS = 16  # a linear over at most this many tokens is a decode step (batch x 1 new token)
+
+
+@contextmanager
+def decode_linear() -> Iterator[None]:
+    """Run bf16 linears over few rows (decode steps) as ``weight @ x.T`` on CPU.
+
+    A decode step multiplies batch x 1 tokens by every weight matrix: memory-bound. On CPU the
+    ``x @ W.T`` kernel behind ``F.linear`` streams bf16 weights at ~11 GB/s for 8 rows, ``W @ x.T``
+    at ~17 GB/s (same products, fp32 accumulation; measured on 2 Xeon cores): decoding SmolLM2-135M
+    in bf16 takes ~15% less time. Everything else (prefill, training, fp32, CUDA, autograd) goes
+    to the real ``F.linear``; the previous function is back on exit."""
+    import torch.nn.functional as F
+    real = F.linear
+
+    @functools.wraps(real)
+    def linear(x, weight, bias=None):
+        if (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and x.dtype == torch.bfloat16
+                and x.dim() >= 2 and x.numel() <= DECODE_ROWS * x.shape[-1] and not torch.is_grad_enabled()):
+            out = (weight @ x.reshape(-1, x.shape[-1]).t()).t()
+            if bias is not None:
+                out = out + bias
+            return out.reshape(*x.shape[:-1], weight.shape[0])
+        return real(x, weight, bias)
+
+    F.linear = linear
+    try:
+        yield
+    finally:
+        F.linear = real
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,6 +390,7 @@ class HybridEngine:
             undo.callback(_ModeSwitch(self.module, self.model).restore)
             if self.enabled:
                 undo.enter_context(original_linear())
+                undo.enter_context(decode_linear())
                 undo.callback(_DetachedHooks(self.engine_hooks).restore)
                 if self.sharded:
                     groups = self._enter_sharded(undo)

@@ -3,6 +3,7 @@
 One launch of tests/engine/workers/hybrid_worker.py (~1 min) runs every check; see its docstring.
 """
 import pytest
+import torch
 
 from tests.helpers import REPO, json_lines, run_deepspeed
 
@@ -64,3 +65,30 @@ def test_hybrid_is_faster_than_sharded_generate(results):
         assert r["hybrid_s"] < r["sharded_s"], r
         empty = r["empty_round_trip"]
         assert empty["gather_s"] + empty["release_s"] < 2.0, f"round trip overhead too high: {empty}"
+
+
+def test_decode_linear_takes_skinny_bf16_products_only_and_restores_f_linear():
+    import torch.nn.functional as F
+
+    from engine.hybrid import DECODE_ROWS, decode_linear
+
+    real = F.linear
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g).bfloat16()
+    b = torch.randn(96, generator=g).bfloat16()
+    x = torch.randn(8, 1, 64, generator=g).bfloat16()  # batch 8 x 1 new token
+    with torch.no_grad(), decode_linear():
+        assert F.linear is not real
+        skinny = F.linear(x, w, b)
+        fp32 = x.float() @ w.float().t() + b.float()
+        torch.testing.assert_close(skinny.float(), fp32, rtol=2e-2, atol=2e-2)  # bf16 rounding of the output
+        torch.testing.assert_close(skinny, real(x, w, b), rtol=1e-2, atol=1e-2)
+        assert skinny.shape == (8, 1, 96) and skinny.dtype == torch.bfloat16
+        prefill = torch.randn(2, DECODE_ROWS, 64, generator=g).bfloat16()  # > DECODE_ROWS rows: the real kernel
+        assert torch.equal(F.linear(prefill, w), real(prefill, w))
+        assert torch.equal(F.linear(x.float(), w.float()), real(x.float(), w.float()))  # fp32: untouched
+    assert F.linear is real
+    with decode_linear():  # with gradients on (training), always the real kernel
+        leaf = x.clone().requires_grad_(True)
+        assert torch.equal(F.linear(leaf, w), real(leaf, w))
+    assert F.linear is real
