@@ -1,0 +1,41 @@
+"""launch/bench_ppo.py: its generated recipes are valid and its FLOP count matches a hand count."""
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from engine.config import Recipe, derive_batch_sizes
+from tests.helpers import REPO
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_ppo", REPO / "launch" / "bench_ppo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("config", ["trl_equal", "recommended"])
+def test_generated_recipes_validate_and_describe_the_trl_workload(tmp_path, config):
+    bench = _bench()
+    args = argparse.Namespace(batch_size=8, response_length=32, steps=8, workdir=Path(tmp_path))
+    recipe = Recipe.model_validate(bench.CONFIGS[config](bench.base_recipe(args, tmp_path / "p.jsonl", config)))
+    sizes = derive_batch_sizes(recipe, 1)
+    assert sizes.gradient_accumulation_steps == 1 and sizes.num_mini_batches == 1  # 1 epoch x 1 mini-batch
+    assert recipe.generation.max_new_tokens == 32 and recipe.generation.ignore_eos
+    assert recipe.reward.type == "model" and recipe.reward.share_reference_backbone
+    assert recipe.deepspeed.precision == ("fp32" if config == "trl_equal" else "bf16_autocast")
+
+
+def test_model_flops_match_a_hand_count():
+    bench = _bench()
+    # SmolLM2-135M: hidden 576, 30 layers, 9 heads / 3 KV heads (kv width 192), MLP 1536, vocab 49152
+    h, layers, kv, inter, v = 576, 30, 192, 1536, 49152
+    seq, tokens = 37 + 32, 8 * (37 + 32)
+    body = layers * 2 * (2 * h * h + 2 * h * kv + 3 * h * inter) + 2 * layers * h * seq
+    head = 2 * h * v
+    # generation + reference (body + head), value + reward (body), policy + value fwd/bwd (3x)
+    expected = tokens * (2 * (body + head) + 2 * body + 3 * (body + head) + 3 * body)
+    assert bench.model_flops(8, 37, 32) == pytest.approx(expected, rel=1e-12)
+    assert bench.model_flops(16, 37, 32) == pytest.approx(2 * expected, rel=1e-12)  # linear in the batch
