@@ -70,7 +70,7 @@ def test_hybrid_is_faster_than_sharded_generate(results):
 def test_decode_linear_takes_skinny_bf16_products_only_and_restores_f_linear():
     import torch.nn.functional as F
 
-    from engine.hybrid import DECODE_ROWS, decode_linear
+    from engine.hybrid import DECODE_ROWS, WIDE_HEAD_ROWS, decode_linear
 
     real = F.linear
     g = torch.Generator().manual_seed(0)
@@ -86,7 +86,9 @@ def test_decode_linear_takes_skinny_bf16_products_only_and_restores_f_linear():
         assert skinny.shape == (8, 1, 96) and skinny.dtype == torch.bfloat16
         prefill = torch.randn(2, DECODE_ROWS, 64, generator=g).bfloat16()  # > DECODE_ROWS rows: the real kernel
         assert torch.equal(F.linear(prefill, w), real(prefill, w))
-        assert torch.equal(F.linear(x.float(), w.float()), real(x.float(), w.float()))  # fp32: untouched
+        assert torch.equal(F.linear(x.float(), w.float()), real(x.float(), w.float()))  # fp32 layer: untouched
+        head = torch.randn(WIDE_HEAD_ROWS, 64, generator=g)  # fp32 LM head over a vocabulary: W @ x.T
+        torch.testing.assert_close(F.linear(x.float(), head), real(x.float(), head), rtol=1e-5, atol=1e-4)
     assert F.linear is real
     with decode_linear():  # with gradients on (training), always the real kernel
         leaf = x.clone().requires_grad_(True)
