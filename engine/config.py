@@ -151,6 +151,8 @@ class GenerationSection(Section):
     do_sample: bool = Field(True, description="Sample (true) or greedy (false).")
     stop_strings: list[str] = Field(default_factory=list, description="Stop a response at any of these strings.")
     ignore_eos: bool = Field(False, description="Always generate max_new_tokens; tokens after EOS count too.")
+    fused_decode: bool = Field(True, description="Llama-family policies decode with the engine's fused step "
+                               "(static KV cache, fused QKV/MLP matmuls; same math); false = the model's own forward.")
     dtype: Optional[Precision] = Field(
         None, description="Weight dtype while generating (a temporary cast; trained weights untouched). "
         "Default: bf16 under deepspeed.precision bf16_autocast, else the weights' own dtype.")

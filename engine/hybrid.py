@@ -24,8 +24,9 @@ How (architecture-agnostic, exact; no injected kernels, no second model):
    an autocast-trained actor keeps fp32 weights, and bf16 weights decode faster on CPU than fp32
    weights under autocast) and the attention kernel may be switched (CPU: train with eager, whose
    backward is fast, generate with SDPA); on exit the original tensors and kernel come back;
-6. decode steps (CPU, bf16): linears over a few rows run as ``W @ x.T`` (``decode_linear``), a
-   faster kernel for memory-bound skinny products;
+6. decode steps (CPU, bf16): linears over a few rows run as ``W @ x.T`` (``skinny_linear``), a
+   faster kernel for memory-bound skinny products; Llama-family actors decode with the fused step
+   of ``engine.decode`` (static KV cache, fused QKV and gate/up matmuls) inside this context;
 7. exit: parameters we gathered are re-partitioned with ``has_been_updated=False`` (the gathered
    memory is freed, the shards and the optimizer state are untouched), hooks and flags restored.
 
@@ -127,28 +128,39 @@ DECODE_ROWS = 16  # a linear over at most this many tokens is a decode step (bat
 WIDE_HEAD_ROWS = 16384  # fp32 weights with this many output rows (an LM head over a vocabulary) also go W @ x.T
 
 
-@contextmanager
-def decode_linear() -> Iterator[None]:
-    """Run linears over few rows (decode steps) as ``weight @ x.T`` on CPU where that kernel is faster.
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, as ``weight @ x.T`` for decode-step shapes on CPU where that is faster.
 
     A decode step multiplies batch x 1 tokens by every weight matrix: memory-bound. On CPU the
     ``x @ W.T`` kernel behind ``F.linear`` streams bf16 weights at ~11 GB/s for 8 rows, ``W @ x.T``
     at ~17 GB/s (same products, fp32 accumulation; measured on 2 Xeon cores): decoding SmolLM2-135M
     in bf16 takes ~8-15% less time. In fp32 only a wide LM head gains (49152 x 576: ~12.7 vs ~10 GB/s;
-    the layers' own matrices are slower that way). Everything else (prefill, training, CUDA,
-    autograd) goes to the real ``F.linear``; the previous function is back on exit."""
+    the layers' own matrices are slower that way). Other shapes, CUDA and autograd use the real linear
+    (never ZeRO-3's wrapper)."""
+    faster = weight.dtype == torch.bfloat16 or (weight.dtype == torch.float32 and weight.shape[0] >= WIDE_HEAD_ROWS)
+    if (faster and weight.device.type == "cpu" and x.dtype == weight.dtype and x.dim() >= 2
+            and x.numel() <= DECODE_ROWS * x.shape[-1] and not torch.is_grad_enabled()):
+        out = (weight @ x.reshape(-1, x.shape[-1]).t()).t()
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    return _real_linear(x, weight, bias)
+
+
+_real_linear = torch._C._nn.linear  # what F.linear is before anyone (ZeRO-3, decode_linear) patches it
+
+
+@contextmanager
+def decode_linear() -> Iterator[None]:
+    """Route every ``F.linear`` through `skinny_linear` (decode steps of any model's own forward);
+    the previous function is back on exit."""
     import torch.nn.functional as F
     real = F.linear
 
     @functools.wraps(real)
     def linear(x, weight, bias=None):
-        faster = weight.dtype == torch.bfloat16 or (weight.dtype == torch.float32 and weight.shape[0] >= WIDE_HEAD_ROWS)
-        if (faster and weight.device.type == "cpu" and x.dtype == weight.dtype and x.dim() >= 2
-                and x.numel() <= DECODE_ROWS * x.shape[-1] and not torch.is_grad_enabled()):
-            out = (weight @ x.reshape(-1, x.shape[-1]).t()).t()
-            if bias is not None:
-                out = out + bias
-            return out.reshape(*x.shape[:-1], weight.shape[0])
+        if x.dim() >= 2 and x.numel() <= DECODE_ROWS * x.shape[-1]:
+            return skinny_linear(x, weight, bias)
         return real(x, weight, bias)
 
     F.linear = linear

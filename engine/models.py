@@ -215,6 +215,7 @@ def _contiguous_head_input(model: PreTrainedModel) -> None:
             args = (args[0].contiguous(), *args[1:])
         return args, kwargs
 
+    pre_hook.layout_only = True  # changes no value: the fused decoder (engine.decode) may bypass it
     head.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
