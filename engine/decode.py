@@ -65,22 +65,54 @@ def _weight(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     return lin.weight, lin.bias
 
 
-class _Layer:
-    """One decoder layer's weights in fused form."""
+def _packing_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and callable(torch.ops.mkldnn._reorder_linear_weight)
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return False
 
-    def __init__(self, layer: nn.Module):
+
+_PACK_FP32 = _packing_available()
+
+
+class _Linear:
+    """``y = x @ W.T + b`` with the fastest CPU kernel for decode-step rows.
+
+    fp32 on CPU: the weight is packed once per rollout into oneDNN's blocked layout (one pass over
+    the weights, ~12 GB/s) for a batch of `rows`; a decode step then streams it at ~14-20 GB/s
+    instead of ~8-12 GB/s for ``F.linear`` (measured here: 49152x576 head 7.6 -> 20.3 GB/s, MLP
+    3072x576 10.5 -> 14.2). bf16: ``skinny_linear`` (``W @ x.T``), already at ~15-22 GB/s."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int):
+        self.bias = bias
+        self.packed = None
+        if _PACK_FP32 and weight.dtype == torch.float32 and weight.device.type == "cpu":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        else:
+            self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return skinny_linear(x, self.weight, self.bias)
+
+
+class _Layer:
+    """One decoder layer's weights in fused form (linears prepared for `rows` tokens per step)."""
+
+    def __init__(self, layer: nn.Module, rows: int):
         attn, mlp = layer.self_attn, layer.mlp
         (wq, bq), (wk, bk), (wv, bv) = (_weight(attn.q_proj), _weight(attn.k_proj), _weight(attn.v_proj))
-        self.w_qkv = torch.cat([wq, wk, wv])  # [(nh + 2 nkv) * hd, H]
         biases = [bq, bk, bv]
-        self.b_qkv = None if all(b is None for b in biases) else torch.cat(
+        b_qkv = None if all(b is None for b in biases) else torch.cat(
             [b if b is not None else wq.new_zeros(w.shape[0]) for b, w in zip(biases, (wq, wk, wv))])
-        self.w_o, self.b_o = _weight(attn.o_proj)
+        self.qkv = _Linear(torch.cat([wq, wk, wv]), b_qkv, rows)  # [(nh + 2 nkv) * hd, H]
+        self.o = _Linear(*_weight(attn.o_proj), rows)
         (wg, bg), (wu, bu) = _weight(mlp.gate_proj), _weight(mlp.up_proj)
-        self.w_gate_up = torch.cat([wg, wu])  # [2 I, H]
-        self.b_gate_up = None if bg is None and bu is None else torch.cat(
+        b_gate_up = None if bg is None and bu is None else torch.cat(
             [bg if bg is not None else wg.new_zeros(wg.shape[0]), bu if bu is not None else wu.new_zeros(wu.shape[0])])
-        self.w_down, self.b_down = _weight(mlp.down_proj)
+        self.gate_up = _Linear(torch.cat([wg, wu]), b_gate_up, rows)  # [2 I, H]
+        self.down = _Linear(*_weight(mlp.down_proj), rows)
         self.ln1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.ln2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
 
@@ -105,9 +137,9 @@ class FusedDecoder:
         self.scale = attn0.scaling
         self.embed = inner.embed_tokens.weight
         self.dtype = self.embed.dtype
-        self.layers = [_Layer(layer) for layer in inner.layers[:cfg.num_hidden_layers]]
+        self.layers = [_Layer(layer, batch) for layer in inner.layers[:cfg.num_hidden_layers]]
         self.norm, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
-        self.head_w, self.head_b = _weight(model.lm_head)
+        self.head = _Linear(*_weight(model.lm_head), batch)
         device = self.embed.device
         with torch.no_grad():  # rotary tables from the model's own module (any rope type it implements)
             positions = torch.arange(max_len, device=device)[None]
@@ -192,7 +224,7 @@ class FusedDecoder:
     # ------------------------------------------------------------------------------------------
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         h = _rms_norm(hidden, self.norm, self.norm_eps)
-        return skinny_linear(h, self.head_w, self.head_b).float()
+        return self.head(h).float()
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor, start: int) -> torch.Tensor:
         """x [B, T, H] new tokens at cache slots start..start+T-1 with rotary `positions` [B, T]."""
@@ -204,7 +236,7 @@ class FusedDecoder:
         for i, w in enumerate(self.layers):
             h = _rms_norm(x, w.ln1, w.eps1)
             # contiguous: the skinny product comes out transposed, and SDPA needs unit-stride head dims
-            qkv = skinny_linear(h, w.w_qkv, w.b_qkv).contiguous().view(B, T, nh + 2 * nkv, hd).transpose(1, 2)
+            qkv = w.qkv(h).contiguous().view(B, T, nh + 2 * nkv, hd).transpose(1, 2)
             qk = qkv[:, :nh + nkv]  # [B, nh + nkv, T, hd]: rotary on q and k in one go
             qk = qk * cos + torch.roll(qk, hd // 2, dims=-1) * sin
             self.k_cache[i, :, :, start:end] = qk[:, nh:]
@@ -213,9 +245,9 @@ class FusedDecoder:
                                                   self.v_cache[i, :, :, :end], attn_mask=bias,
                                                   scale=self.scale, enable_gqa=nh != nkv)
             attn = attn.transpose(1, 2).reshape(B, T, nh * hd)
-            x = x + skinny_linear(attn, w.w_o, w.b_o)
+            x = x + w.o(attn)
             h = _rms_norm(x, w.ln2, w.eps2)
-            gate, up = skinny_linear(h, w.w_gate_up, w.b_gate_up).chunk(2, dim=-1)
-            x = x + skinny_linear(F.silu(gate) * up, w.w_down, w.b_down)
+            gate, up = w.gate_up(h).chunk(2, dim=-1)
+            x = x + w.down(F.silu(gate) * up)
         self.length = end
         return x
