@@ -220,14 +220,30 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
     return torch.stack(tokens, dim=1)
 
 
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """Print a notice once per process (the first rollout), not once per rollout; rank 0 only."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    if message not in _SAID:
+        _SAID.add(message)
+        print(f"[generate] {message}", flush=True)
+
+
 def _decode_steps(model, prompt_ids: torch.Tensor, mask: torch.Tensor, gen: GenerationSection):
     """(prefill() -> logits [B, V], step(tokens [B]) -> logits [B, V]), float32 next-token logits."""
     from engine.decode import FusedDecoder
 
     B, P = prompt_ids.shape
-    decoder = FusedDecoder.build(model, B, P + gen.max_new_tokens) if gen.fused_decode else None
-    if decoder is not None:
-        return (lambda: decoder.prefill(prompt_ids, mask)), decoder.step
+    if gen.fused_decode:
+        why_not = FusedDecoder.why_unsupported(model)
+        if why_not is None:
+            decoder = FusedDecoder(model, B, P + gen.max_new_tokens)
+            return (lambda: decoder.prefill(prompt_ids, mask)), decoder.step
+        _say_once(f"generation.fused_decode: {why_not}; decoding with the model's own forward")
 
     from transformers import DynamicCache
     state = {"mask": mask, "pos": position_ids_from_mask(mask)[:, -1:] + 1}
