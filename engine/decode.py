@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.hybrid import skinny_linear
+from engine.hybrid import DECODE_ROWS, skinny_linear
 
 
 def _supported_classes() -> tuple[type, ...]:
@@ -88,15 +88,26 @@ class _Linear:
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int):
         self.bias = bias
         self.packed = None
-        if _PACK_FP32 and weight.dtype == torch.float32 and weight.device.type == "cpu":
+        cpu = weight.device.type == "cpu"
+        if _PACK_FP32 and weight.dtype == torch.float32 and cpu:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         else:
             self.weight = weight
+        # decode steps ([rows, H] inputs, decided once): bf16 on CPU goes straight to W @ x.T
+        self.transposed = self.packed is None and cpu and weight.dtype == torch.bfloat16 and rows <= DECODE_ROWS
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Any input [..., H] (prefill)."""
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return skinny_linear(x, self.weight, self.bias)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode-step input [rows, H] -> [rows, out] (may be a transposed view)."""
+        if self.transposed:
+            out = (self.weight @ x.t()).t()
+            return out if self.bias is None else out + self.bias
+        return self(x)
 
 
 class _Layer:
@@ -153,9 +164,10 @@ class FusedDecoder:
         shape = (len(self.layers), batch, self.n_kv, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.k_layers, self.v_layers = self.k_cache.unbind(0), self.v_cache.unbind(0)  # per-layer views
         self.batch, self.max_len = batch, max_len
         self.length = 0  # cache slots filled
-        self.key_bias = None  # [B, 1, 1, max_len] additive mask: 0 for real tokens, -inf for padding
+        self.key_bias = None  # [B, 1, 1, max_len] additive mask: 0 for filled real slots, -inf for padding/future
         self.next_pos = None  # [B] rotary position of the next token (left padding skipped)
 
     # ------------------------------------------------------------------------------------------
@@ -201,8 +213,8 @@ class FusedDecoder:
         if B != self.batch or P >= self.max_len:
             raise ValueError(f"prefill of [{B}, {P}] into a cache of [{self.batch}, {self.max_len}]")
         mask = attention_mask.bool()
-        self.key_bias = torch.zeros(B, 1, 1, self.max_len, dtype=self.dtype, device=input_ids.device)
-        self.key_bias[:, 0, 0, :P].masked_fill_(~mask, float("-inf"))
+        self.key_bias = torch.full((B, 1, 1, self.max_len), float("-inf"), dtype=self.dtype, device=input_ids.device)
+        self.key_bias[:, 0, 0, :P].masked_fill_(mask, 0.0)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P], as generate() numbers them
         self.next_pos = positions[:, -1] + 1
         causal = torch.full((P, P), float("-inf"), dtype=self.dtype, device=input_ids.device).triu(1)
@@ -217,11 +229,30 @@ class FusedDecoder:
         """Append one token per row (`tokens` [B]); return next-token logits [B, V] (float32)."""
         if self.length >= self.max_len:
             raise ValueError(f"decode step past the cache length {self.max_len}")
+        B = tokens.shape[0]
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        slot = self.length
         pos = self.next_pos
         self.next_pos = pos + 1
-        bias = self.key_bias[:, :, :, :self.length + 1]
-        hidden = self._layers(F.embedding(tokens[:, None], self.embed), pos[:, None], bias, start=self.length)
-        return self._logits(hidden[:, -1])
+        self.key_bias[:, :, :, slot] = 0.0  # the new token's slot becomes visible; later ones stay -inf
+        # attention over the whole cache (masked future slots) keeps every shape fixed: no slicing per layer
+        cos, sin = self.cos[pos][:, None, None], self.sin_signed[pos][:, None, None]  # [B, 1, 1, hd]
+        x = F.embedding(tokens, self.embed)  # [B, H]
+        for w, k_cache, v_cache in zip(self.layers, self.k_layers, self.v_layers):
+            h = _rms_norm(x, w.ln1, w.eps1)
+            qkv = w.qkv.rows(h).contiguous().view(B, nh + 2 * nkv, 1, hd)  # head-major: SDPA needs unit stride
+            qk = qkv[:, :nh + nkv]
+            qk = qk * cos + torch.roll(qk, hd // 2, dims=-1) * sin
+            k_cache[:, :, slot] = qk[:, nh:, 0]
+            v_cache[:, :, slot] = qkv[:, nh + nkv:, 0]
+            attn = F.scaled_dot_product_attention(qk[:, :nh], k_cache, v_cache, attn_mask=self.key_bias,
+                                                  scale=self.scale, enable_gqa=nh != nkv)
+            x = x + w.o.rows(attn.view(B, nh * hd))
+            h = _rms_norm(x, w.ln2, w.eps2)
+            gate, up = w.gate_up.rows(h).chunk(2, dim=-1)
+            x = x + w.down.rows(F.silu(gate) * up)
+        self.length = slot + 1
+        return self._logits(x)
 
     # ------------------------------------------------------------------------------------------
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -45,11 +45,18 @@ def _assert_same_logits(model, ids, mask, rtol: float):
     with torch.no_grad():
         fused = _teacher_forced_logits(model, ids, mask, fused=True)
         ref = _teacher_forced_logits(model, ids, mask, fused=False)
+    clear_rows = 0
     for t, (a, b) in enumerate(zip(fused, ref)):
         assert a.shape == b.shape == (ids.shape[0], model.config.vocab_size)
-        err = (a - b).abs().max().item() / b.abs().max().item()
+        diff = (a - b).abs().max().item()
+        err = diff / b.abs().max().item()
         assert err < rtol, f"step {t}: fused logits differ from the HF forward by {err:.2e} (relative)"
-        assert torch.equal(a.argmax(-1), b.argmax(-1)), f"step {t}: greedy tokens differ"
+        # greedy tokens agree wherever the reference's top-2 margin exceeds the logit error (bf16 has ties)
+        top2 = b.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * diff
+        clear_rows += int(clear.sum())
+        assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear]), f"step {t}: greedy tokens differ"
+    assert clear_rows > 0, "test setup: no step had a row with a clear greedy choice"
 
 
 def _random(cls, config):
@@ -71,8 +78,9 @@ def test_fused_decode_matches_hf_forward_fp32(name):
 def test_fused_decode_matches_hf_forward_bf16():
     model = load_policy(ModelConfig(name_or_path="smollm2-135m-instruct", dtype="bf16"), for_training=False).eval()
     ids, mask = _prompts(model.config.vocab_size)
-    # bf16 rounding differs by summation order (SDPA vs eager softmax/matmul): a few % of a logit range
-    _assert_same_logits(model, ids, mask, rtol=5e-2)
+    # bf16 rounding differs by summation order (SDPA vs eager softmax/matmul): logits of ~30 have a
+    # bf16 step of 0.125-0.25, and we see ~2 such steps at most (measured: max 0.57, mean ~0.1)
+    _assert_same_logits(model, ids, mask, rtol=3e-2)
 
 
 @pytest.mark.parametrize("cls,config", [
