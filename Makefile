@@ -11,9 +11,19 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install bench clean-venv
+.PHONY: demo test install bench clean-venv tcmalloc
 
-install: $(STAMP)
+install: $(STAMP) tcmalloc
+
+# tcmalloc for training processes (engine/allocator.py preloads it): Debian's libtcmalloc-minimal4,
+# installed with apt-get when we are root; otherwise a note (training then runs on glibc malloc).
+tcmalloc:
+	@if [ -n "$$(ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 2>/dev/null)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing libtcmalloc-minimal4 (apt-get)"; \
+		apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 >/dev/null; }; \
+	else echo "note: libtcmalloc-minimal4 not installed (needs root and apt-get); training uses glibc malloc"; fi
 
 $(STAMP): setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

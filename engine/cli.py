@@ -111,6 +111,11 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_presets)
 
     args = parser.parse_args(argv)
+    if args.command == "train" and argv is None:  # a real process start (not a library call): tcmalloc first
+        from engine.allocator import ensure_tcmalloc, report_allocator
+
+        ensure_tcmalloc()
+        report_allocator()
     try:
         return args.fn(args)
     except RecipeError as e:

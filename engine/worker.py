@@ -66,6 +66,10 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint folder")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
+    if argv is None:  # started by the deepspeed launcher directly: tcmalloc first (inherited via rlhf-engine)
+        from engine.allocator import ensure_tcmalloc
+
+        ensure_tcmalloc()
     try:
         run(load_recipe(args.recipe, args.overrides), resume=args.resume)
     except RecipeError as e:

@@ -11,7 +11,9 @@ Workload (../shared/peers/trl_ppo/README.md): SmolLM2-135M-Instruct as policy, r
 batch 8, exactly 32 sampled tokens (temperature 1), 1 PPO epoch x 1 mini-batch, AdamW lr 3e-6,
 KL 0.05 (k1), clip 0.2, value clip 0.2, gamma 1, lam 0.95; 8 steps, the first one a warm-up.
 
-Each configuration runs as its own `rlhf-engine train` process under `/usr/bin/time -v` (peak RSS);
+Each configuration runs as its own `rlhf-engine train` process under `/usr/bin/time -v` (peak RSS),
+on tcmalloc when installed, as every training run (engine/allocator.py; RLHF_ENGINE_ALLOCATOR=system
+for glibc malloc; the JSON records which);
 step and phase times come from its metrics.jsonl. The compute floor is the workload's model FLOPs
 (counted from the model config) over the matmul rate measured in this run. Prints one JSON line per
 configuration, then a summary JSON line (`BENCH_JSON {...}`) and a short table.
@@ -107,12 +109,14 @@ def run_config(args, name: str, recipe: dict, nproc: int = 1, extra: tuple = ())
     med = lambda key: round(statistics.median(r.get(key) or 0.0 for r in timed), 4)  # noqa: E731
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", timefile.read_text())
     step_s = med("time/step")
+    allocator = re.search(r"\[run\] memory allocator: (\w+)", proc.stderr)
     phases = {k.split("/", 1)[1]: med(k) for k in rows[-1] if k.startswith("time/") and k != "time/step"}
     return {"config": name, "nproc": nproc, "step_s_median": step_s, "step_s_all": [r["time/step"] for r in timed],
             "warmup_step_s": rows[0]["time/step"], "phases_median_s": phases,
             "gen_tokens_per_s": round(args.batch_size * args.response_length / step_s, 2),
             "peak_rss_mib": round(int(rss.group(1)) / 1024, 1) if rss else None,
             "peak_rss_note": "largest single process (per rank when nproc > 1)",
+            "allocator": allocator.group(1) if allocator else "unknown",
             "wall_s": round(wall, 1), "score_first": rows[0]["score/mean"], "score_last": rows[-1]["score/mean"]}
 
 

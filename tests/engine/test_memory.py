@@ -33,3 +33,40 @@ def test_freed_tensors_stay_with_the_process():
     assert applied == "True" and not_applied == "False"
     assert returned > 200  # opted out: the 248 MiB go back to the OS
     assert kept < 10  # kept for the next step's tensors
+
+
+# ---- engine.allocator: training entry points re-execute themselves on tcmalloc -------------------------
+ALLOC_PROBE = r"""
+import sys
+from engine.allocator import ensure_tcmalloc, loaded_allocator
+ensure_tcmalloc()
+print("ALLOC", loaded_allocator(), repr(sys.argv[1:]))
+"""
+
+
+def _probe(allocator: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "RLHF_ENGINE_ALLOCATOR_REEXEC")}
+    env["RLHF_ENGINE_ALLOCATOR"] = allocator
+    return subprocess.run([sys.executable, "-c", ALLOC_PROBE, *args], env=env, capture_output=True, text=True)
+
+
+def test_tcmalloc_is_installed():
+    from engine.allocator import find_tcmalloc
+
+    assert find_tcmalloc(), ("libtcmalloc-minimal4 is missing: `make install` installs it with apt-get when run "
+                             "as root; without it training runs on glibc malloc (slower, more memory)")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD re-exec is Linux-only")
+def test_entry_point_reexecutes_on_tcmalloc_with_the_same_arguments():
+    out = _probe("auto", "train", "--set", "a=1 b")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ALLOC tcmalloc ['train', '--set', 'a=1 b']", out.stdout + out.stderr
+
+
+def test_allocator_opt_out_and_bad_value():
+    out = _probe("system")
+    assert out.returncode == 0 and out.stdout.split()[:2] == ["ALLOC", "system"], out.stdout + out.stderr
+    bad = _probe("mimalloc")
+    assert bad.returncode != 0 and "RLHF_ENGINE_ALLOCATOR='mimalloc'" in bad.stderr and "auto, tcmalloc or system" \
+        in bad.stderr
