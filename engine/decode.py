@@ -58,13 +58,21 @@ def _plain_linear(module: nn.Module) -> Optional[nn.Linear]:
         return module
     base = getattr(module, "base_layer", None)
     if type(base) is nn.Linear and getattr(module, "merged", False):
-        return module
+        return base
     return None
 
 
-def _weight(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    lin = module if type(module) is nn.Linear else module.base_layer
-    return lin.weight, lin.bias
+def _weight(*modules: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight, bias) of one linear, or of several stacked along the output dim (one fused matmul);
+    the bias is None when no module has one, missing biases are zeros otherwise."""
+    linears = [_plain_linear(m) for m in modules]
+    if len(linears) == 1:
+        return linears[0].weight, linears[0].bias
+    weight = torch.cat([lin.weight for lin in linears])
+    if all(lin.bias is None for lin in linears):
+        return weight, None
+    return weight, torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                              for lin in linears])
 
 
 def _packing_available() -> bool:
@@ -115,16 +123,9 @@ class _Layer:
 
     def __init__(self, layer: nn.Module, rows: int):
         attn, mlp = layer.self_attn, layer.mlp
-        (wq, bq), (wk, bk), (wv, bv) = (_weight(attn.q_proj), _weight(attn.k_proj), _weight(attn.v_proj))
-        biases = [bq, bk, bv]
-        b_qkv = None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else wq.new_zeros(w.shape[0]) for b, w in zip(biases, (wq, wk, wv))])
-        self.qkv = _Linear(torch.cat([wq, wk, wv]), b_qkv, rows)  # [(nh + 2 nkv) * hd, H]
+        self.qkv = _Linear(*_weight(attn.q_proj, attn.k_proj, attn.v_proj), rows)  # [(nh + 2 nkv) * hd, H]
         self.o = _Linear(*_weight(attn.o_proj), rows)
-        (wg, bg), (wu, bu) = _weight(mlp.gate_proj), _weight(mlp.up_proj)
-        b_gate_up = None if bg is None and bu is None else torch.cat(
-            [bg if bg is not None else wg.new_zeros(wg.shape[0]), bu if bu is not None else wu.new_zeros(wu.shape[0])])
-        self.gate_up = _Linear(torch.cat([wg, wu]), b_gate_up, rows)  # [2 I, H]
+        self.gate_up = _Linear(*_weight(mlp.gate_proj, mlp.up_proj), rows)  # [2 I, H]
         self.down = _Linear(*_weight(mlp.down_proj), rows)
         self.ln1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.ln2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon

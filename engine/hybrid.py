@@ -128,6 +128,9 @@ DECODE_ROWS = 16  # a linear over at most this many tokens is a decode step (bat
 WIDE_HEAD_ROWS = 16384  # fp32 weights with this many output rows (an LM head over a vocabulary) also go W @ x.T
 
 
+_real_linear = torch._C._nn.linear  # what F.linear is before anyone (ZeRO-3, decode_linear) patches it
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, as ``weight @ x.T`` for decode-step shapes on CPU where that is faster.
 
@@ -145,9 +148,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             out = out + bias
         return out.reshape(*x.shape[:-1], weight.shape[0])
     return _real_linear(x, weight, bias)
-
-
-_real_linear = torch._C._nn.linear  # what F.linear is before anyone (ZeRO-3, decode_linear) patches it
 
 
 @contextmanager

@@ -246,11 +246,12 @@ def _decode_steps(model, prompt_ids: torch.Tensor, mask: torch.Tensor, gen: Gene
         _say_once(f"generation.fused_decode: {why_not}; decoding with the model's own forward")
 
     from transformers import DynamicCache
-    state = {"mask": mask, "pos": position_ids_from_mask(mask)[:, -1:] + 1}
+    positions = position_ids_from_mask(mask)
+    state = {"mask": mask, "pos": positions[:, -1:] + 1}
     cache = {_cache_keyword(model): DynamicCache(config=model.config)}
 
     def prefill():
-        out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+        out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions,
                     use_cache=True, logits_to_keep=1, **cache)
         return out.logits[:, -1].float()
 
