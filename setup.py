@@ -10,7 +10,10 @@ from setuptools import find_packages, setup
 RUNTIME = [
     "torch>=2.4",  # pinned to 2.13.0 by the Makefile; a range here so pip never swaps the installed build
     "deepspeed>=0.16",
-    "transformers>=4.56",
+    # <5.25: transformers 5.25 requires the PyPI package `kernels` (Hugging Face hub kernels), whose
+    # import name is that of our kernels/ package; with both installed transformers imports ours and
+    # fails (engine/__init__.py explains this at import time)
+    "transformers>=4.56,<5.25",
     "datasets>=3.0",
     "peft>=0.15",
     "pyyaml>=6.0",
