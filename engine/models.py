@@ -22,6 +22,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from engine.config import ModelConfig
+from engine.lean import make_lean
 from engine.presets import (PRESETS, cache_root, cached_folder, convert_gguf, gguf_cache_key, list_presets,
                             use_distinct_pad)
 
@@ -254,6 +255,8 @@ def load_policy(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtype: DTy
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
         model = _lora(cfg, "CAUSAL_LM", model)
+    if cfg.lean_activations:
+        make_lean(model)  # after LoRA: adapter-wrapped projections keep their own forward
     return model
 
 
@@ -278,6 +281,8 @@ def load_scalar_model(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtyp
         hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
         hf_model = _lora(cfg, "SEQ_CLS", hf_model)  # SEQ_CLS keeps the head fully trainable
+    if cfg.lean_activations:
+        make_lean(hf_model)
     return ScalarModel(hf_model, encoder=encoder)
 
 
