@@ -18,9 +18,9 @@ in RMSNorm, rotary tables from the model's own rotary module), so the same token
 summation order; `tests/engine/test_decode.py` checks logits and greedy tokens against HF.
 
 The fused QKV and gate/up matrices are built once per rollout from the live weights, so training
-updates are always seen: in bf16 a copy of ~60% of the layer weights (~30 ms for SmolLM2), in fp32
-every linear is also packed into oneDNN's blocked layout (~45 ms; a decode step then streams fp32
-weights ~1.5x faster). Either copy lives only while the rollout generates.
+updates are always seen; on CPU every linear is also packed into oneDNN's blocked layout (~45 ms
+for SmolLM2; a decode step then streams the weights 1.3-3x faster). The copies live only while
+the rollout generates.
 Models outside ``SUPPORTED``, with unmerged adapters, hooks (grouped ZeRO-3 gathering) or sharded
 weights fall back to the model's own forward (``FusedDecoder.why_unsupported`` says why).
 """
@@ -82,22 +82,33 @@ def _packing_available() -> bool:
         return False
 
 
-_PACK_FP32 = _packing_available()
+def _bf16_packing_available() -> bool:
+    try:
+        return _packing_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover
+        return False
+
+
+# dtypes whose CPU linears are packed for decode: oneDNN needs native bf16 (AVX512-BF16 or AMX) to
+# beat the plain kernels in bf16
+_PACKED_DTYPES = tuple(dt for dt, ok in ((torch.float32, _packing_available()),
+                                         (torch.bfloat16, _bf16_packing_available())) if ok)
 
 
 class _Linear:
     """``y = x @ W.T + b`` with the fastest CPU kernel for decode-step rows.
 
-    fp32 on CPU: the weight is packed once per rollout into oneDNN's blocked layout (one pass over
-    the weights, ~12 GB/s) for a batch of `rows`; a decode step then streams it at ~14-20 GB/s
-    instead of ~8-12 GB/s for ``F.linear`` (measured here: 49152x576 head 7.6 -> 20.3 GB/s, MLP
-    3072x576 10.5 -> 14.2). bf16: ``skinny_linear`` (``W @ x.T``), already at ~15-22 GB/s."""
+    On CPU the weight is packed once per rollout into oneDNN's blocked layout (one pass over the
+    weights) for a batch of `rows`; a decode step then streams it 1.3-3x faster than ``F.linear``.
+    Measured for 8 rows (2 cores, AMD EPYC with AVX512-BF16): fp32 MLP 3072x576 9.7 -> 24.8 GB/s,
+    head 49152x576 6.1 -> 24.2; bf16 3072x576 14.6 -> 22.1, head 11.7 -> 19.0 (``W @ x.T``, the
+    unpacked bf16 path: 11.4 and 9.8; on a Xeon with AMX ~15-22 GB/s)."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int):
         self.bias = bias
         self.packed = None
         cpu = weight.device.type == "cpu"
-        if _PACK_FP32 and weight.dtype == torch.float32 and cpu:
+        if cpu and weight.dtype in _PACKED_DTYPES:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         else:
             self.weight = weight
@@ -129,6 +140,22 @@ class _Layer:
         self.down = _Linear(*_weight(mlp.down_proj), rows)
         self.ln1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.ln2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+
+
+def _one_query_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_bias: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """Attention of one new query per row over the cache -> [B, n_heads * head_dim].
+
+    q [B, nh, 1, hd]; k_cache, v_cache [B, nkv, L, hd]; key_bias [B, 1, 1, L] (0 or -inf).
+    Two small matmuls with the query heads grouped by their KV head (no repeated KV) and a float32
+    softmax, as HF's eager attention computes it. For one query SDPA's flash kernel costs ~10x more
+    on CPU (bf16: 485 us per layer and step for SmolLM2 x 8 rows, 33% of the decode step).
+    """
+    B, nh, _, hd = q.shape
+    nkv = k_cache.shape[1]
+    scores = torch.matmul(q.reshape(B, nkv, nh // nkv, hd), k_cache.transpose(-1, -2))  # [B, nkv, G, L]
+    probs = torch.softmax(scores.float() * scale + key_bias, dim=-1).to(v_cache.dtype)
+    return torch.matmul(probs, v_cache).reshape(B, nh * hd)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -246,9 +273,8 @@ class FusedDecoder:
             qk = qk * cos + torch.roll(qk, hd // 2, dims=-1) * sin
             k_cache[:, :, slot] = qk[:, nh:, 0]
             v_cache[:, :, slot] = qkv[:, nh + nkv:, 0]
-            attn = F.scaled_dot_product_attention(qk[:, :nh], k_cache, v_cache, attn_mask=self.key_bias,
-                                                  scale=self.scale, enable_gqa=nh != nkv)
-            x = x + w.o.rows(attn.view(B, nh * hd))
+            attn = _one_query_attention(qk[:, :nh], k_cache, v_cache, self.key_bias, self.scale)
+            x = x + w.o.rows(attn)
             h = _rms_norm(x, w.ln2, w.eps2)
             gate, up = w.gate_up.rows(h).chunk(2, dim=-1)
             x = x + w.down.rows(F.silu(gate) * up)
