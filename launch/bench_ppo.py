@@ -2,6 +2,7 @@
 
     python launch/bench_ppo.py                       # our engine: TRL-equal config + recommended config
     python launch/bench_ppo.py --with-trl            # ... and TRL's PPOTrainer in the same invocation
+    python launch/bench_ppo.py --with-trl --trl-tcmalloc  # ... TRL also on tcmalloc (like for like)
     python launch/bench_ppo.py --zero3               # ... and 2 ranks, ZeRO-3 + hybrid engine
     python launch/bench_ppo.py --batch-size 4 --response-length 64 --configs recommended
 
@@ -176,16 +177,27 @@ def model_shape_rate(dtype_name: str, batch: int, seq: int) -> float:
     return matmul_rate(dtype_name, batch * seq, cfg.hidden_size, cfg.intermediate_size, reps=20)
 
 
-def run_trl(args) -> dict:
-    """TRL's PPOTrainer on the same workload, via the peer harness (its own venv)."""
+def run_trl(args, tcmalloc: bool = False) -> dict:
+    """TRL's PPOTrainer on the same workload, via the peer harness (its own venv).
+
+    tcmalloc=True preloads the allocator our training processes use, for a like-for-like comparison.
+    """
     extra = f"--batch-size {args.batch_size} --response-length {args.response_length} --skip-baselines"
-    env = {**os.environ, "RUNS": "1", "EXTRA_ARGS": extra, "OUTDIR": str(args.workdir / "trl")}
+    env = {**os.environ, "RUNS": "1", "EXTRA_ARGS": extra,
+           "OUTDIR": str(args.workdir / ("trl_tcmalloc" if tcmalloc else "trl"))}
+    if tcmalloc:
+        from engine.allocator import find_tcmalloc
+        lib = find_tcmalloc()
+        if lib is None:
+            raise SystemExit("--trl-tcmalloc: libtcmalloc_minimal.so.4 not found (make install adds it)")
+        env["LD_PRELOAD"] = lib
     proc = subprocess.run(["bash", str(TRL_DIR / "run.sh")], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"TRL harness failed:\n{proc.stderr[-4000:]}")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     run = summary["runs"][0]
-    return {"config": "trl", "step_s_median": run["step_s_median"], "step_s_all": run["step_s_all"],
+    return {"config": "trl_tcmalloc" if tcmalloc else "trl",
+            "step_s_median": run["step_s_median"], "step_s_all": run["step_s_all"],
             "phases_median_s": run["breakdown_grouped_median_s"], "peak_rss_mib": run["peak_rss_mib_time_v"],
             "versions": {k: summary["versions"].get(k) for k in ("trl", "transformers", "torch")}}
 
@@ -194,6 +206,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="trl_equal,recommended", help=f"comma list of {', '.join(CONFIGS)}")
     ap.add_argument("--with-trl", action="store_true", help="also run TRL's PPO (../shared/peers/trl_ppo)")
+    ap.add_argument("--trl-tcmalloc", action="store_true",
+                    help="with --with-trl: run TRL a second time on tcmalloc (our allocator); ratios use both")
     ap.add_argument("--zero3", action="store_true", help="also run 2 ranks, ZeRO-3 + hybrid (recommended config)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--response-length", type=int, default=32)
@@ -219,6 +233,9 @@ def main() -> int:
     trl = run_trl(args) if args.with_trl else None
     if trl:
         print("RESULT_JSON " + json.dumps(trl), flush=True)
+    trl_tc = run_trl(args, tcmalloc=True) if args.with_trl and args.trl_tcmalloc else None
+    if trl_tc:
+        print("RESULT_JSON " + json.dumps(trl_tc), flush=True)
 
     flops = model_flops(args.batch_size, 37, args.response_length)
     rates = {d: matmul_rate(d) for d in ("float32", "bfloat16")}
@@ -235,6 +252,10 @@ def main() -> int:
             r["speedup_vs_trl"] = round(trl["step_s_median"] / r["step_s_median"], 3)
             if r["peak_rss_mib"] and trl["peak_rss_mib"]:
                 r["rss_vs_trl"] = round(r["peak_rss_mib"] / trl["peak_rss_mib"], 3)
+        if trl_tc:
+            r["speedup_vs_trl_tcmalloc"] = round(trl_tc["step_s_median"] / r["step_s_median"], 3)
+            if r["peak_rss_mib"] and trl_tc["peak_rss_mib"]:
+                r["rss_vs_trl_tcmalloc"] = round(r["peak_rss_mib"] / trl_tc["peak_rss_mib"], 3)
     by = {r["config"]: r for r in results}
     if "recommended" in by and "recommended_zero3_2ranks" in by:
         by["recommended_zero3_2ranks"]["scaling_efficiency"] = round(
@@ -245,10 +266,10 @@ def main() -> int:
                "floor_s": {k: round(v, 3) for k, v in floors.items()},
                "matmul_gflops_model_shape": {k: round(v / 1e9, 1) for k, v in shape_rates.items()},
                "floor_s_model_shape": {k: round(v, 3) for k, v in shape_floors.items()},
-               "results": results, "trl": trl}
+               "results": results, "trl": trl, "trl_tcmalloc": trl_tc}
     print("BENCH_JSON " + json.dumps(summary), flush=True)
     print(f"\n{'config':28s} {'s/step':>8s} {'vs TRL':>7s} {'/floor':>7s} {'RSS MiB':>8s}  phases (s)")
-    for r in results + ([trl] if trl else []):
+    for r in results + [t for t in (trl, trl_tc) if t]:
         ph = " ".join(f"{k}={v:.2f}" for k, v in r["phases_median_s"].items() if not k.startswith("hybrid"))
         print(f"{r['config']:28s} {r['step_s_median']:8.2f} {r.get('speedup_vs_trl', float('nan')):7.2f} "
               f"{r.get('over_floor', float('nan')):7.2f} {r['peak_rss_mib'] or 0:8.0f}  {ph[:90]}")
