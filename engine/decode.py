@@ -12,15 +12,15 @@ Why: a decode step multiplies a handful of rows by every weight matrix; on CPU t
 ~40% of the step and the rest is per-op dispatch of HF's modules (~80 small ops per layer: dtype
 round trips in RMSNorm, `repeat_kv` copies for grouped-query attention, a growing `torch.cat` KV
 cache, mask construction per token). Here each layer is ~30 ops: one fused QKV matmul, rotary on
-q and k at once, an in-place write into the static cache, one SDPA call that handles grouped KV
-heads without copies, one fused gate/up matmul. Same math as the HF forward (same rounding points
-in RMSNorm, rotary tables from the model's own rotary module), so the same tokens up to float
-summation order; `tests/engine/test_decode.py` checks logits and greedy tokens against HF.
+q and k at once, an in-place write into the static cache, the one-query attention as two matmuls
+over the grouped KV heads without copies, one fused gate/up matmul. Same math as the HF forward
+(same rounding points in RMSNorm, rotary tables from the model's own rotary module), so the same
+tokens up to float summation order; `tests/engine/test_decode.py` checks logits and greedy tokens against HF.
 
 The fused QKV and gate/up matrices are built once per rollout from the live weights, so training
-updates are always seen; on CPU every linear is also packed into oneDNN's blocked layout (~45 ms
-for SmolLM2; a decode step then streams the weights 1.3-3x faster). The copies live only while
-the rollout generates.
+updates are always seen; on CPU linears are also packed into oneDNN's blocked layout (~45 ms
+for SmolLM2; fp32, and bf16 where oneDNN has native bf16; a decode step then streams the weights
+1.3-3x faster). The copies live only while the rollout generates.
 Models outside ``SUPPORTED``, with unmerged adapters, hooks (grouped ZeRO-3 gathering) or sharded
 weights fall back to the model's own forward (``FusedDecoder.why_unsupported`` says why).
 """
@@ -75,24 +75,18 @@ def _weight(*modules: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
                               for lin in linears])
 
 
-def _packing_available() -> bool:
+def _packed_dtypes() -> tuple[torch.dtype, ...]:
+    """dtypes whose CPU linears are packed for decode: fp32 wherever oneDNN's linear packing exists,
+    bf16 only where oneDNN has native bf16 (AVX512-BF16 or AMX); elsewhere it loses to plain kernels."""
     try:
-        return torch.backends.mkldnn.is_available() and callable(torch.ops.mkldnn._reorder_linear_weight)
+        if not (torch.backends.mkldnn.is_available() and callable(torch.ops.mkldnn._reorder_linear_weight)):
+            return ()
+        return (torch.float32,) + ((torch.bfloat16,) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ())
     except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
-        return False
+        return ()
 
 
-def _bf16_packing_available() -> bool:
-    try:
-        return _packing_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # pragma: no cover
-        return False
-
-
-# dtypes whose CPU linears are packed for decode: oneDNN needs native bf16 (AVX512-BF16 or AMX) to
-# beat the plain kernels in bf16
-_PACKED_DTYPES = tuple(dt for dt, ok in ((torch.float32, _packing_available()),
-                                         (torch.bfloat16, _bf16_packing_available())) if ok)
+_PACKED_DTYPES = _packed_dtypes()
 
 
 class _Linear:

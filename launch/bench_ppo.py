@@ -248,14 +248,11 @@ def main() -> int:
         r["over_floor"] = round(r["step_s_median"] / floor, 3)
         r["over_model_shape_floor"] = round(
             r["step_s_median"] / shape_floors["bf16" if r["config"].startswith("recommended") else "fp32"], 3)
-        if trl:
-            r["speedup_vs_trl"] = round(trl["step_s_median"] / r["step_s_median"], 3)
-            if r["peak_rss_mib"] and trl["peak_rss_mib"]:
-                r["rss_vs_trl"] = round(r["peak_rss_mib"] / trl["peak_rss_mib"], 3)
-        if trl_tc:
-            r["speedup_vs_trl_tcmalloc"] = round(trl_tc["step_s_median"] / r["step_s_median"], 3)
-            if r["peak_rss_mib"] and trl_tc["peak_rss_mib"]:
-                r["rss_vs_trl_tcmalloc"] = round(r["peak_rss_mib"] / trl_tc["peak_rss_mib"], 3)
+        for base in (b for b in (trl, trl_tc) if b):
+            suffix = base["config"]  # "trl" or "trl_tcmalloc"
+            r[f"speedup_vs_{suffix}"] = round(base["step_s_median"] / r["step_s_median"], 3)
+            if r["peak_rss_mib"] and base["peak_rss_mib"]:
+                r[f"rss_vs_{suffix}"] = round(r["peak_rss_mib"] / base["peak_rss_mib"], 3)
     by = {r["config"]: r for r in results}
     if "recommended" in by and "recommended_zero3_2ranks" in by:
         by["recommended_zero3_2ranks"]["scaling_efficiency"] = round(
