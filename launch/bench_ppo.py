@@ -51,9 +51,9 @@ def base_recipe(args, prompts: Path, name: str) -> dict:
         "data": {"path": str(prompts), "max_prompt_length": 128, "eval_size": 0},
         "deepspeed": {"zero_stage": 0, "precision": "fp32", "gradient_clipping": 0.0},
         "optim": {"lr": 3e-6, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "scheduler": "linear"},
-        "train": {"steps": args.steps, "rollout_batch_size": b, "mini_batch_size": b, "micro_batch_size": b,
-                  "eval_size": 0},
-        "generation": {"max_new_tokens": args.response_length, "ignore_eos": True, "temperature": 1.0,
+        "train": {"steps": args.steps, "rollout_batch_size": b, "mini_batch_size": b // args.mini_batches,
+                  "micro_batch_size": b // args.mini_batches, "eval_size": 0},
+        "generation": {"max_new_tokens": args.response_length, "ignore_eos": True, "temperature": args.temperature,
                        "top_k": 0, "top_p": 1.0},
         "ppo": {"kl_coef": 0.05, "kl_estimator": "k1", "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1,
                 "gamma": 1.0, "lam": 0.95, "whiten_advantages": True},
@@ -182,7 +182,9 @@ def run_trl(args, tcmalloc: bool = False) -> dict:
 
     tcmalloc=True preloads the allocator our training processes use, for a like-for-like comparison.
     """
-    extra = f"--batch-size {args.batch_size} --response-length {args.response_length} --skip-baselines"
+    extra = (f"--batch-size {args.batch_size} --response-length {args.response_length} "
+             f"--mini-batches {args.mini_batches} --temperature {args.temperature} "
+             f"--warmup-steps {args.warmup} --timed-steps {args.steps - args.warmup} --skip-baselines")
     env = {**os.environ, "RUNS": "1", "EXTRA_ARGS": extra,
            "OUTDIR": str(args.workdir / ("trl_tcmalloc" if tcmalloc else "trl"))}
     if tcmalloc:
@@ -211,10 +213,18 @@ def main() -> int:
     ap.add_argument("--zero3", action="store_true", help="also run 2 ranks, ZeRO-3 + hybrid (recommended config)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--response-length", type=int, default=32)
+    ap.add_argument("--mini-batches", type=int, default=1, help="PPO mini-batches per rollout batch (TRL's too)")
+    ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
+    if args.mini_batches < 1 or args.batch_size % args.mini_batches:
+        ap.error(f"--batch-size {args.batch_size} does not split into --mini-batches {args.mini_batches} equal parts")
+    if not 0 <= args.warmup < args.steps:
+        ap.error(f"--warmup {args.warmup} must leave at least one timed step of --steps {args.steps}")
+    if args.zero3 and (args.batch_size // args.mini_batches) % 2:
+        ap.error("--zero3 splits each mini-batch over 2 ranks: batch size / mini-batches must be even")
     args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_ppo_"))
     args.workdir.mkdir(parents=True, exist_ok=True)
     prompts = write_prompts(args.workdir / "prompts.jsonl")
@@ -227,7 +237,7 @@ def main() -> int:
     if args.zero3:
         recipe = CONFIGS["recommended"](base_recipe(args, prompts, "recommended_zero3_2ranks"))
         recipe["deepspeed"]["zero_stage"] = 3
-        recipe["train"]["micro_batch_size"] = args.batch_size // 2  # each rank takes half of the batch
+        recipe["train"]["micro_batch_size"] = args.batch_size // args.mini_batches // 2  # each rank: half
         results.append(run_config(args, "recommended_zero3_2ranks", recipe, nproc=2))
         print("RESULT_JSON " + json.dumps(results[-1]), flush=True)
     trl = run_trl(args) if args.with_trl else None
@@ -258,6 +268,7 @@ def main() -> int:
         by["recommended_zero3_2ranks"]["scaling_efficiency"] = round(
             by["recommended"]["step_s_median"] / by["recommended_zero3_2ranks"]["step_s_median"], 3)
     summary = {"bench": "ppo_trl_workload", "batch_size": args.batch_size, "response_length": args.response_length,
+               "mini_batches": args.mini_batches, "temperature": args.temperature,
                "steps": args.steps, "warmup": args.warmup, "model_tflop_per_step": round(flops / 1e12, 3),
                "matmul_gflops": {k: round(v / 1e9, 1) for k, v in rates.items()},
                "floor_s": {k: round(v, 3) for k, v in floors.items()},

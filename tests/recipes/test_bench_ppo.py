@@ -19,13 +19,25 @@ def _bench():
 @pytest.mark.parametrize("config", ["trl_equal", "recommended"])
 def test_generated_recipes_validate_and_describe_the_trl_workload(tmp_path, config):
     bench = _bench()
-    args = argparse.Namespace(batch_size=8, response_length=32, steps=8, workdir=Path(tmp_path))
+    args = argparse.Namespace(batch_size=8, response_length=32, steps=8, mini_batches=1, temperature=1.0,
+                              workdir=Path(tmp_path))
     recipe = Recipe.model_validate(bench.CONFIGS[config](bench.base_recipe(args, tmp_path / "p.jsonl", config)))
     sizes = derive_batch_sizes(recipe, 1)
     assert sizes.gradient_accumulation_steps == 1 and sizes.num_mini_batches == 1  # 1 epoch x 1 mini-batch
     assert recipe.generation.max_new_tokens == 32 and recipe.generation.ignore_eos
+    assert recipe.generation.temperature == 1.0
     assert recipe.reward.type == "model" and recipe.reward.share_reference_backbone
     assert recipe.deepspeed.precision == ("fp32" if config == "trl_equal" else "bf16_autocast")
+
+
+def test_mini_batches_split_the_rollout_batch_like_trls_num_mini_batches(tmp_path):
+    bench = _bench()
+    args = argparse.Namespace(batch_size=16, response_length=48, steps=5, mini_batches=2, temperature=0.7,
+                              workdir=Path(tmp_path))
+    recipe = Recipe.model_validate(bench.base_recipe(args, tmp_path / "p.jsonl", "trl_equal"))
+    sizes = derive_batch_sizes(recipe, 1)
+    assert sizes.num_mini_batches == 2 and sizes.gradient_accumulation_steps == 1  # 2 optimizer steps per PPO step
+    assert recipe.train.rollout_batch_size == 16 and recipe.generation.temperature == 0.7
 
 
 def test_model_flops_match_a_hand_count():
