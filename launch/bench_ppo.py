@@ -5,6 +5,7 @@
     python launch/bench_ppo.py --with-trl --trl-tcmalloc  # ... TRL also on tcmalloc (like for like)
     python launch/bench_ppo.py --zero3               # ... and 2 ranks, ZeRO-3 + hybrid engine
     python launch/bench_ppo.py --batch-size 4 --response-length 64 --configs recommended
+    python launch/bench_ppo.py --with-trl --batch-size 16 --response-length 64 --mini-batches 2  # TRL gets the same
 
 Workload (../shared/peers/trl_ppo/README.md): SmolLM2-135M-Instruct as policy, reference, critic
 (value head, trained) and reward model (scalar head on the same weights, frozen); prompts
