@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -24,19 +25,32 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RESERVED = ("seed", "name", "output_dir")  # set per run by this script
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
-    """'fp32:deepspeed.precision=fp32,train.steps=5' -> ('fp32', ['deepspeed.precision=fp32', 'train.steps=5'])."""
+    """'fp32:deepspeed.precision=fp32,train.steps=5' -> ('fp32', ['deepspeed.precision=fp32', 'train.steps=5']).
+
+    Commas split only before the next KEY=, so list values stay whole: 'b:optim.betas=[0.9,0.95]'.
+    """
     name, sep, sets = text.partition(":")
     if not sep or not name.strip():
         raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...] "
                                          "(NAME: alone runs the recipe unchanged)")
-    overrides = [s.strip() for s in sets.split(",") if s.strip()]
+    overrides = [s.strip() for s in re.split(r",(?=\s*[\w.]+\s*=)", sets) if s.strip()]
     bad = [s for s in overrides if "=" not in s]
     if bad:
         raise argparse.ArgumentTypeError(f"--variant {text!r}: {bad[0]!r} is not KEY=VALUE")
+    check_not_reserved(overrides, f"--variant {name.strip()}")
     return name.strip(), overrides
+
+
+def check_not_reserved(overrides: list[str], where: str) -> None:
+    """seed, name and output_dir are this script's to set per run (they pick the run folder it reads)."""
+    for item in overrides:
+        if item.split("=", 1)[0].strip() in RESERVED:
+            raise argparse.ArgumentTypeError(f"{where}: {item!r} sets a key this script sets per run "
+                                             f"({', '.join(RESERVED)}); use --seeds and --workdir instead")
 
 
 def _rows(path: Path) -> list[dict]:
@@ -46,7 +60,7 @@ def _rows(path: Path) -> list[dict]:
 def run_one(recipe: str, variant: str, overrides: list[str], seed: int, workdir: Path, extra: list[str]) -> dict:
     """Train one (variant, seed) in a fresh process; return its curves and timings."""
     name = f"{variant}-seed{seed}"
-    sets = [*overrides, f"seed={seed}", f"name={name}", f"output_dir={workdir}", *extra]
+    sets = [*extra, *overrides, f"seed={seed}", f"name={name}", f"output_dir={workdir}"]  # later wins
     cmd = [sys.executable, "-m", "engine.cli", "train", recipe, *[f"--set={s}" for s in sets]]
     t = time.perf_counter()
     log = workdir / f"{name}.log"
@@ -59,16 +73,19 @@ def run_one(recipe: str, variant: str, overrides: list[str], seed: int, workdir:
         return {"variant": variant, "seed": seed, "error": f"exit code {code}; see {log}", "log_tail": tail}
     run_dir = workdir / name
     metrics, evals = _rows(run_dir / "metrics.jsonl"), _rows(run_dir / "eval.jsonl")
-    curve = [round(r["score/mean"], 4) for r in metrics]
+    if not metrics:
+        return {"variant": variant, "seed": seed, "error": f"the run logged no metrics in {run_dir}", "log_tail": []}
+    curve = [round(r["score/mean"], 4) for r in metrics]  # one entry per logged step (logging.log_every)
     q = max(1, len(curve) // 4)
-    return {"variant": variant, "seed": seed, "steps": len(curve), "wall_s": round(wall, 1),
+    return {"variant": variant, "seed": seed, "steps": [r["step"] for r in metrics], "wall_s": round(wall, 1),
             "eval_before": evals[0]["score/mean"] if evals else None,
             "eval_after": evals[-1]["score/mean"] if evals else None,
             "train_score_curve": curve,
-            "train_score_first_quarter": round(statistics.mean(curve[:q]), 4) if curve else None,
-            "train_score_last_quarter": round(statistics.mean(curve[-q:]), 4) if curve else None,
-            "kl_last": metrics[-1].get("kl/mean") if metrics else None,
-            "step_s_median": round(statistics.median(r["time/step"] for r in metrics), 3) if metrics else None}
+            "train_score_first_quarter": round(statistics.mean(curve[:q]), 4),
+            "train_score_last_quarter": round(statistics.mean(curve[-q:]), 4),
+            "kl_last": metrics[-1].get("kl/mean"),
+            # the first step includes warm-up (allocation, packing): left out when there are others
+            "step_s_median": round(statistics.median(r["time/step"] for r in metrics[1:] or metrics), 3)}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -110,7 +127,13 @@ def main() -> int:
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
+        seeds = []
+    if not seeds:
         ap.error(f"--seeds {args.seeds!r}: expected a comma list of integers, e.g. 7,8")
+    try:
+        check_not_reserved(args.common, "--set")
+    except argparse.ArgumentTypeError as e:
+        ap.error(str(e))
     if not Path(args.recipe).is_file():
         ap.error(f"recipe {args.recipe} not found")
     args.workdir = args.workdir.resolve()
