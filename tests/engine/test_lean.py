@@ -124,7 +124,7 @@ def test_gradient_checkpointing_recomputes_through_the_lean_forward():
     model = _random(LlamaForCausalLM, LlamaConfig(**SMALL))
     lean = copy.deepcopy(model)
     make_lean(lean)
-    lean.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lean.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lean.train()
     model.train()
     ids = _ids(SMALL["vocab_size"])
