@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+from engine.tracking import read_jsonl  # noqa: E402
+
 RESERVED = ("seed", "name", "output_dir")  # set per run by this script
 
 
@@ -53,10 +56,6 @@ def check_not_reserved(overrides: list[str], where: str) -> None:
                                              f"({', '.join(RESERVED)}); use --seeds and --workdir instead")
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.open()] if path.exists() else []
-
-
 def run_one(recipe: str, variant: str, overrides: list[str], seed: int, workdir: Path, extra: list[str]) -> dict:
     """Train one (variant, seed) in a fresh process; return its curves and timings."""
     name = f"{variant}-seed{seed}"
@@ -72,7 +71,7 @@ def run_one(recipe: str, variant: str, overrides: list[str], seed: int, workdir:
         tail = log.read_text().strip().splitlines()[-5:]
         return {"variant": variant, "seed": seed, "error": f"exit code {code}; see {log}", "log_tail": tail}
     run_dir = workdir / name
-    metrics, evals = _rows(run_dir / "metrics.jsonl"), _rows(run_dir / "eval.jsonl")
+    metrics, evals = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl")
     if not metrics:
         return {"variant": variant, "seed": seed, "error": f"the run logged no metrics in {run_dir}", "log_tail": []}
     curve = [round(r["score/mean"], 4) for r in metrics]  # one entry per logged step (logging.log_every)

@@ -1,6 +1,7 @@
 """Run real multi-process jobs through the `deepspeed` launcher (CPU ranks on gloo)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -9,6 +10,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_launch_script(name: str):
+    """Import launch/<name>.py (a script, not a package module) so tests can call its functions."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

@@ -1,24 +1,16 @@
 """launch/bench_ppo.py: its generated recipes are valid and its FLOP count matches a hand count."""
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from engine.config import Recipe, derive_batch_sizes
-from tests.helpers import REPO
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_ppo", REPO / "launch" / "bench_ppo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_launch_script
 
 
 @pytest.mark.parametrize("config", ["trl_equal", "recommended"])
 def test_generated_recipes_validate_and_describe_the_trl_workload(tmp_path, config):
-    bench = _bench()
+    bench = load_launch_script("bench_ppo")
     args = argparse.Namespace(batch_size=8, response_length=32, steps=8, mini_batches=1, temperature=1.0,
                               workdir=Path(tmp_path))
     recipe = Recipe.model_validate(bench.CONFIGS[config](bench.base_recipe(args, tmp_path / "p.jsonl", config)))
@@ -31,7 +23,7 @@ def test_generated_recipes_validate_and_describe_the_trl_workload(tmp_path, conf
 
 
 def test_mini_batches_split_the_rollout_batch_like_trls_num_mini_batches(tmp_path):
-    bench = _bench()
+    bench = load_launch_script("bench_ppo")
     args = argparse.Namespace(batch_size=16, response_length=48, steps=5, mini_batches=2, temperature=0.7,
                               workdir=Path(tmp_path))
     recipe = Recipe.model_validate(bench.base_recipe(args, tmp_path / "p.jsonl", "trl_equal"))
@@ -41,7 +33,7 @@ def test_mini_batches_split_the_rollout_batch_like_trls_num_mini_batches(tmp_pat
 
 
 def test_model_flops_match_a_hand_count():
-    bench = _bench()
+    bench = load_launch_script("bench_ppo")
     # SmolLM2-135M: hidden 576, 30 layers, 9 heads / 3 KV heads (kv width 192), MLP 1536, vocab 49152
     h, layers, kv, inter, v = 576, 30, 192, 1536, 49152
     seq, tokens = 37 + 32, 8 * (37 + 32)

@@ -1,26 +1,18 @@
 """launch/compare_runs.py: variants of one recipe run as real training processes and are summarised."""
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, load_launch_script
 
 TINY = ["deepspeed.zero_stage=0", "train.steps=2", "train.eval_size=4", "hybrid.enabled=false"]
 
 
-def _compare():
-    spec = importlib.util.spec_from_file_location("compare_runs", REPO / "launch" / "compare_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_variant_syntax():
-    parse = _compare().parse_variant
+    parse = load_launch_script("compare_runs").parse_variant
     assert parse("fp32:deepspeed.precision=fp32, train.steps=5") == ("fp32", ["deepspeed.precision=fp32",
                                                                              "train.steps=5"])
     assert parse("as-written:") == ("as-written", [])
