@@ -49,6 +49,9 @@ class ModelConfig(Section):
     lean_activations: bool = Field(
         True, description="Llama/Mistral/Qwen2 MLPs and RMSNorms keep ~40% fewer activations for backward "
                           "(engine/lean.py; same forward numbers, no extra matmul).")
+    onednn_linear: bool = Field(
+        True, description="float32 linears on CPU run on oneDNN instead of MKL (engine/onednn.py; faster on "
+                          "the CPUs measured, same float32 math); no effect on other dtypes or devices.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it).")
     lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters instead of all weights.")
 

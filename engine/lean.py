@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import onednn
+
 
 def _classes(kind: str) -> tuple[type, ...]:
     """Exact transformers classes of `kind` ("MLP" or "RMSNorm") for Llama, Mistral and Qwen2."""
@@ -81,11 +83,14 @@ class SwiGLU(torch.autograd.Function):
     """down(silu(gate(x)) * up(x)) keeping x, gate(x), up(x) for backward (not the two products).
 
     x [..., hidden]; w_gate, w_up [inter, hidden]; w_down [hidden, inter]; biases or None -> [..., hidden].
+    onednn_fp32: float32 linears through engine.onednn (set when the module's own projections are routed there).
     """
 
     @staticmethod
-    def forward(ctx, x, w_gate, b_gate, w_up, b_up, w_down, b_down):
+    def forward(ctx, x, w_gate, b_gate, w_up, b_up, w_down, b_down, onednn_fp32: bool = False):
         x_dtype = x.dtype
+        ctx.onednn_fp32 = onednn_fp32  # float32 linears on oneDNN, as the projections' own forwards (engine.onednn)
+        linear = onednn.linear if onednn_fp32 else F.linear
         ctx.autocast = _Autocast(x.device.type)
         if ctx.autocast.enabled:
             # the casts autocast makes inside each linear, made once here: backward keeps them, as
@@ -93,8 +98,8 @@ class SwiGLU(torch.autograd.Function):
             x, w_gate, b_gate, w_up, b_up, w_down, b_down = (
                 None if t is None else t.to(ctx.autocast.dtype)
                 for t in (x, w_gate, b_gate, w_up, b_up, w_down, b_down))
-        gate, up = F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)
-        out = F.linear(F.silu(gate) * up, w_down, b_down)
+        gate, up = linear(x, w_gate, b_gate), linear(x, w_up, b_up)
+        out = linear(F.silu(gate) * up, w_down, b_down)
         ctx.save_for_backward(x, gate, up, w_gate, b_gate, w_up, b_up, w_down, b_down)
         ctx.input_dtype = x_dtype
         return out
@@ -102,23 +107,24 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, gate, up, w_gate, b_gate, w_up, b_up, w_down, b_down = ctx.saved_tensors
+        input_grad = onednn.input_grad if ctx.onednn_fp32 else torch.matmul  # grad_y @ W
         with ctx.autocast():  # the backward matmuls in the forward's precision, as autograd would
             act = F.silu(gate)
             hidden = act * up
-            grad_hidden = torch.matmul(grad_out, w_down)  # dL/d(silu(gate) * up) [..., inter]
+            grad_hidden = input_grad(grad_out, w_down)  # dL/d(silu(gate) * up) [..., inter]
             grad_hidden = grad_hidden.to(up.dtype)
             grad_up = grad_hidden * act
             grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)
             # two contributions summed in the input's dtype, as autograd sums the grads of two uses
             dtype = ctx.input_dtype
-            grad_x = torch.matmul(grad_gate, w_gate).to(dtype) + torch.matmul(grad_up, w_up).to(dtype)
+            grad_x = input_grad(grad_gate, w_gate).to(dtype) + input_grad(grad_up, w_up).to(dtype)
             need = ctx.needs_input_grad  # frozen weights (LoRA, a frozen copy) get no gradient work
             grad_w_gate = _weight_grad(grad_gate, x) if need[1] else None
             grad_w_up = _weight_grad(grad_up, x) if need[3] else None
             grad_w_down = _weight_grad(grad_out, hidden) if need[5] else None
         return (grad_x, grad_w_gate, _bias_grad(grad_gate, b_gate) if need[2] else None,
                 grad_w_up, _bias_grad(grad_up, b_up) if need[4] else None,
-                grad_w_down, _bias_grad(grad_out, b_down) if need[6] else None)
+                grad_w_down, _bias_grad(grad_out, b_down) if need[6] else None, None)
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -154,7 +160,7 @@ def _lean_mlp_forward(self, x):
     if not _plain(self.gate_proj, self.up_proj, self.down_proj):  # wrapped after make_lean (e.g. LoRA)
         return type(self).forward(self, x)
     return SwiGLU.apply(x, self.gate_proj.weight, self.gate_proj.bias, self.up_proj.weight, self.up_proj.bias,
-                        self.down_proj.weight, self.down_proj.bias)
+                        self.down_proj.weight, self.down_proj.bias, onednn.is_routed(self.down_proj))
 
 
 def _lean_norm_forward(self, hidden_states):

@@ -23,6 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from engine.config import ModelConfig
 from engine.lean import make_lean
+from engine.onednn import use_onednn_linears
 from engine.presets import (PRESETS, cache_root, cached_folder, convert_gguf, gguf_cache_key, list_presets,
                             use_distinct_pad)
 
@@ -250,6 +251,8 @@ def load_policy(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtype: DTy
     _set_pad(model, load_tokenizer(cfg, cache_dir).pad_token_id)
     _contiguous_head_input(model)
     if not for_training:
+        if cfg.onednn_linear:
+            use_onednn_linears(model)
         return model.eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -257,6 +260,8 @@ def load_policy(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtype: DTy
         model = _lora(cfg, "CAUSAL_LM", model)
     if cfg.lean_activations:
         make_lean(model)  # after LoRA: adapter-wrapped projections keep their own forward
+    if cfg.onednn_linear:
+        use_onednn_linears(model)  # after LoRA too: its base and adapter linears are plain nn.Linear
     return model
 
 
@@ -283,6 +288,8 @@ def load_scalar_model(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtyp
         hf_model = _lora(cfg, "SEQ_CLS", hf_model)  # SEQ_CLS keeps the head fully trainable
     if cfg.lean_activations:
         make_lean(hf_model)
+    if cfg.onednn_linear:
+        use_onednn_linears(hf_model)
     return ScalarModel(hf_model, encoder=encoder)
 
 

@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 from engine.config import LoraConfig, ModelConfig
 from engine.lean import MLP_CLASSES, NORM_CLASSES, make_lean, why_not_lean
 from engine.models import load_policy, load_scalar_model
+from engine.onednn import use_onednn_linears
 
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
@@ -55,7 +56,9 @@ def _saved_activation_bytes(model, ids, autocast: bool) -> int:
     return sum(n for ptr, n in kept.items() if ptr not in params)
 
 
-def _assert_same(model, autocast: bool, grad_rtol: float):
+def _assert_same(model, autocast: bool, grad_rtol: float, onednn: bool = False):
+    if onednn:  # the lean MLP then runs its float32 linears on oneDNN too (engine.onednn)
+        use_onednn_linears(model)
     lean = copy.deepcopy(model)
     counts = make_lean(lean)
     layers = model.config.num_hidden_layers
@@ -72,6 +75,7 @@ def _assert_same(model, autocast: bool, grad_rtol: float):
         assert err < grad_rtol, f"{name}: gradient differs by {err:.2e} (relative norm)"
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["aten-linears", "onednn-linears"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("cls,config", [
     (LlamaForCausalLM, LlamaConfig(**SMALL)),
@@ -79,10 +83,10 @@ def _assert_same(model, autocast: bool, grad_rtol: float):
     (Qwen2ForCausalLM, Qwen2Config(**SMALL)),
     (MistralForCausalLM, MistralConfig(**SMALL, sliding_window=None)),
 ], ids=["llama", "llama-mlp-bias", "qwen2", "mistral"])
-def test_lean_forward_and_gradients_match_hf_modules(cls, config, autocast):
+def test_lean_forward_and_gradients_match_hf_modules(cls, config, autocast, onednn):
     # float32: summation order only; bf16 autocast: some bf16 roundings land elsewhere (bf16's relative
     # step is 7.8e-3: single entries differ by up to half of it relative to the largest)
-    _assert_same(_random(cls, config), autocast, grad_rtol=2e-3 if autocast else 1e-5)
+    _assert_same(_random(cls, config), autocast, grad_rtol=2e-3 if autocast else 1e-5, onednn=onednn)
 
 
 def test_lean_smollm2_keeps_40_percent_fewer_activations():
@@ -103,7 +107,7 @@ def test_load_policy_and_scalar_model_apply_it_unless_turned_off():
     lean = load_policy(ModelConfig(name_or_path="tiny-llama"))
     assert all("forward" in vars(m) for m in lean.modules() if type(m) in MLP_CLASSES + NORM_CLASSES)
     plain = load_policy(ModelConfig(name_or_path="tiny-llama", lean_activations=False))
-    assert not any("forward" in vars(m) for m in plain.modules())
+    assert not any("forward" in vars(m) for m in plain.modules() if type(m) in MLP_CLASSES + NORM_CLASSES)
     critic = load_scalar_model(ModelConfig(name_or_path="tiny-llama"))
     assert any("forward" in vars(m) for m in critic.modules() if type(m) in MLP_CLASSES)
 

@@ -43,3 +43,22 @@ def test_model_flops_match_a_hand_count():
     expected = tokens * (2 * (body + head) + 2 * body + 3 * (body + head) + 3 * body)
     assert bench.model_flops(8, 37, 32) == pytest.approx(expected, rel=1e-12)
     assert bench.model_flops(16, 37, 32) == pytest.approx(2 * expected, rel=1e-12)  # linear in the batch
+
+
+def test_a_config_entry_carries_recipe_overrides_and_bad_ones_are_refused(capsys):
+    bench = load_launch_script("bench_ppo")
+    ap = argparse.ArgumentParser(prog="bench_ppo")
+    assert bench.parse_config("trl_equal", ap) == ("trl_equal", [])
+    assert bench.parse_config("trl_equal:model.onednn_linear=false; train.steps=3", ap) == (
+        "trl_equal", ["model.onednn_linear=false", "train.steps=3"])
+    for entry, expected in (("fp16", "unknown config 'fp16'"), ("recommended:model.dtype", "is not KEY=VALUE")):
+        with pytest.raises(SystemExit):
+            bench.parse_config(entry, ap)
+        assert expected in capsys.readouterr().err
+
+
+def test_matmul_rates_measure_each_kernel():
+    bench = load_launch_script("bench_ppo")
+    rates = bench.matmul_rates("float32", 64, 64, 64, reps=2)
+    assert set(rates) == {"torch_matmul", "onednn"} and all(r > 0 for r in rates.values())
+    assert bench.matmul_rate("float32", 64, 64, 64, reps=2) > 0
