@@ -11,7 +11,7 @@ shapes of a training step (SmolLM2-135M, 552-1616 tokens, measured with ``x @ W.
 
 so ``linear`` below runs the forward and the input gradient of a float32 CPU linear through
 ``torch.ops.mkldnn._linear_pointwise`` (oneDNN's inner-product primitive on the plain, unpacked
-weight: nothing is cached or copied, so weights updated by the optimizer are always seen). The
+weight: no packed copy is kept, so weights updated by the optimizer are always seen). The
 numbers are float32 throughout (no down-conversion), equal to ``F.linear`` up to summation order
 (relative 1e-6). Anything else (other dtypes, autocast, GPUs, builds without oneDNN) is plain
 ``F.linear``, so the patch is safe to leave on everywhere.
