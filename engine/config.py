@@ -191,7 +191,8 @@ class PPOConfig(Section):
     ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="Keep an EMA copy of the actor.")
     ptx_coef: float = Field(0.0, ge=0, description="Weight of the pretraining (SFT) loss mixed into updates.")
     fuse_scoring: bool = Field(
-        True, description="With 1 epoch x 1 mini-batch, take old log-probs/values from the update's own forward.")
+        True, description="Take the first mini-batch's old log-probs from its own update forward (the policy has not "
+                          "moved yet) instead of a scoring pass; with 1 mini-batch the critic's values too.")
 
     @model_validator(mode="after")
     def _groups(self):

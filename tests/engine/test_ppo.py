@@ -62,6 +62,22 @@ def test_micro_batch_accumulation_is_exact(tmp_path):
     assert m1[1]["kl/mean"] == pytest.approx(m4[1]["kl/mean"], rel=1e-3, abs=1e-5)
 
 
+@pytest.mark.parametrize("stage, epochs", [(0, 2), (3, 1)])
+def test_fused_first_mini_batch_equals_a_separate_scoring_pass(tmp_path, stage, epochs):
+    """Two mini-batches (x two epochs at stage 0): only the first mini-batch's old log-probs and
+    values come from its update forward, the rest from the scoring pass; the run is the same as
+    scoring every row separately, and the second mini-batch still sees a moved policy."""
+    common = (f"deepspeed.zero_stage={stage}", "train.steps=2", f"ppo.ppo_epochs={epochs}")
+    fused, _ = ppo_run(tmp_path, "fused", *common, "ppo.fuse_scoring=true")
+    separate, _ = ppo_run(tmp_path, "separate", *common, "ppo.fuse_scoring=false")
+    assert "time/train_forward" in fused[0] and "time/train_forward" not in separate[0]
+    assert len(fused) == len(separate) == 2
+    for a, b in zip(fused, separate):
+        assert a["policy/approx_kl"] > 0  # mini-batch 2 (and epoch 2) ran on updated weights
+        for key in LOSSES + ("advantages/mean", "returns/mean", "policy/clipfrac", "policy/approx_kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
+
+
 def test_fused_scoring_equals_a_separate_scoring_pass_zero3(tmp_path):
     """One epoch of one mini-batch: old log-probs and values taken from the update's own forward
     are the scoring pass's, so the run is the same (ZeRO-3 allows it with one micro-batch per rank)."""
