@@ -166,10 +166,9 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
         r = Rollout(ids, pmask, resp, rmask, has_eos, batch["prompts"],
                     tokenizer.batch_decode(resp, skip_special_tokens=True))
         seq, attn, R, mb = r.sequences, r.attention_mask, resp.shape[1], sizes.micro_batch_size
-        rows = critic_rows = torch.arange(len(seq), device=seq.device)
-        if fused_rows is not None:
-            rows = rows[~torch.isin(rows, fused_rows.to(seq.device))]
-            critic_rows = rows if fuse_critic else critic_rows
+        all_rows = torch.arange(len(seq), device=seq.device)
+        rows = all_rows if fused_rows is None else all_rows[~torch.isin(all_rows, fused_rows.to(seq.device))]
+        critic_rows = rows if fuse_critic else all_rows
         with timer("score"), torch.no_grad():
             r.logprobs = _score_rows(lambda s, a: forward_logprobs(models.actor, s, a, R, gen.temperature),
                                      rows, mb, seq, attn, rmask)
@@ -376,6 +375,7 @@ def _update(models: Models, r: Rollout, advantages, returns, sizes, recipe: Reci
                 else:
                     logp, entropy = forward_logprobs(actor, seq[micro], attn[micro], R, gen.temperature,
                                                      return_entropy=True)
+                    values = None
                 pg_loss, pg_stats = rl.policy_loss(logp, r.logprobs[micro], advantages[micro], mask[micro],
                                                    ppo.cliprange)
                 loss = pg_loss
@@ -387,7 +387,7 @@ def _update(models: Models, r: Rollout, advantages, returns, sizes, recipe: Reci
                                   "policy/approx_kl": pg_stats["approx_kl"],
                                   "entropy": kernels.masked_mean(entropy.detach(), mask[micro])})
                 if critic is not None:
-                    if forwards is None or epoch > 0 or m > 0 or values is None:
+                    if values is None:  # not from the fused forward
                         values = forward_values(critic, seq[micro], attn[micro], R)
                     v_loss, v_stats = rl.value_loss(values, r.values[micro], returns[micro], mask[micro],
                                                     ppo.cliprange_value)

@@ -64,9 +64,9 @@ def test_micro_batch_accumulation_is_exact(tmp_path):
 
 @pytest.mark.parametrize("stage, epochs", [(0, 2), (3, 1)])
 def test_fused_first_mini_batch_equals_a_separate_scoring_pass(tmp_path, stage, epochs):
-    """Two mini-batches (x two epochs at stage 0): only the first mini-batch's old log-probs and
-    values come from its update forward, the rest from the scoring pass; the run is the same as
-    scoring every row separately, and the second mini-batch still sees a moved policy."""
+    """Two mini-batches (x two epochs at stage 0): only the first mini-batch's old log-probs come
+    from its update forward (values and the other rows from the scoring pass); the run is the same
+    as scoring every row separately, and the second mini-batch still sees a moved policy."""
     common = (f"deepspeed.zero_stage={stage}", "train.steps=2", f"ppo.ppo_epochs={epochs}")
     fused, _ = ppo_run(tmp_path, "fused", *common, "ppo.fuse_scoring=true")
     separate, _ = ppo_run(tmp_path, "separate", *common, "ppo.fuse_scoring=false")
