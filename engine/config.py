@@ -62,6 +62,9 @@ class CriticConfig(Section):
     dtype: Optional[Precision] = Field(None, description="Weight dtype; defaults to the actor's.")
     lr: Optional[float] = Field(None, gt=0, description="Critic learning rate; defaults to optim.lr.")
     gradient_checkpointing: Optional[bool] = Field(None, description="Defaults to the actor's setting.")
+    lora: Optional[LoraConfig] = Field(
+        None, description="Train LoRA adapters on the critic's backbone (the value head stays fully trained); "
+                          "default: all weights, whatever model.lora says.")
 
 
 class RewardConfig(Section):

@@ -87,17 +87,7 @@ def build_models(recipe: Recipe, sizes, dist: DistInfo, total_updates: int) -> M
     reference = create_frozen_engine(ref_model, recipe, sizes)
     critic = None
     if rl.needs_critic(recipe.ppo.algorithm):
-        src = recipe.critic.init_from
-        if src == "actor":
-            critic_cfg = recipe.model.model_copy(update={"lora": None})
-        elif src == "reward":
-            if recipe.reward is None or recipe.reward.model is None:
-                raise ValueError("critic.init_from 'reward' needs reward.type 'model' with reward.model set")
-            critic_cfg = recipe.reward.model
-        else:
-            critic_cfg = recipe.model.model_copy(update={"name_or_path": src, "lora": None, "gguf_file": None})
-        if recipe.critic.gradient_checkpointing is not None:
-            critic_cfg = critic_cfg.model_copy(update={"gradient_checkpointing": recipe.critic.gradient_checkpointing})
+        critic_cfg = critic_model_config(recipe)
         with zero_init_context(ds_config(recipe, sizes)):
             scalar = load_scalar_model(critic_cfg, cache, dtype=recipe.critic.dtype, init_head_seed=recipe.seed)
         critic = create_train_engine(scalar, recipe, sizes, lr=recipe.critic.lr or recipe.optim.lr,
@@ -107,6 +97,22 @@ def build_models(recipe: Recipe, sizes, dist: DistInfo, total_updates: int) -> M
                           dtype=dtype_of(gen.dtype) if gen.dtype else None,
                           attn_implementation=gen.attn_implementation)
     return Models(actor, reference, critic, hybrid)
+
+
+def critic_model_config(recipe: Recipe):
+    """The critic backbone's ModelConfig from `critic.init_from`; LoRA only from `critic.lora`
+    (the actor's `model.lora` does not carry over), gradient checkpointing from the critic's own
+    setting if given."""
+    src, update = recipe.critic.init_from, {"lora": recipe.critic.lora}
+    if recipe.critic.gradient_checkpointing is not None:
+        update["gradient_checkpointing"] = recipe.critic.gradient_checkpointing
+    if src == "actor":
+        return recipe.model.model_copy(update=update)
+    if src == "reward":
+        if recipe.reward is None or recipe.reward.model is None:
+            raise ValueError("critic.init_from 'reward' needs reward.type 'model' with reward.model set")
+        return recipe.reward.model.model_copy(update=update)
+    return recipe.model.model_copy(update={"name_or_path": src, "gguf_file": None, **update})
 
 
 def _micro_slices(rows: torch.Tensor, micro: int):

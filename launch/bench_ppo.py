@@ -318,8 +318,9 @@ def main() -> int:
     print(f"\n{'config':40s} {'s/step':>8s} {'vs TRL':>7s} {'/floor':>7s} {'RSS MiB':>8s}  phases (s)")
     for r in results + [t for t in (trl, trl_tc) if t]:
         ph = " ".join(f"{k}={v:.2f}" for k, v in r["phases_median_s"].items() if not k.startswith("hybrid"))
-        print(f"{r['config']:40s} {r['step_s_median']:8.2f} {r.get('speedup_vs_trl', float('nan')):7.2f} "
-              f"{r.get('over_floor', float('nan')):7.2f} {r['peak_rss_mib'] or 0:8.0f}  {ph[:90]}")
+        vs_trl = f"{r['speedup_vs_trl']:7.2f}" if "speedup_vs_trl" in r else f"{'-':>7s}"
+        over = f"{r['over_floor']:7.2f}" if "over_floor" in r else f"{'-':>7s}"
+        print(f"{r['config']:40s} {r['step_s_median']:8.2f} {vs_trl} {over} {r['peak_rss_mib'] or 0:8.0f}  {ph[:90]}")
     return 0
 
 

@@ -91,3 +91,15 @@ def test_cli_validate_exit_codes():
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2
     assert "unknown key 'ppo.kl_coeff'" in bad.stderr and "did you mean 'kl_coef'?" in bad.stderr
+
+
+def test_critic_lora_comes_from_critic_lora_only():
+    from engine.trainer import critic_model_config
+    base = load_recipe(REPO / "recipes/tiny/ppo-zero3.yaml")
+    assert critic_model_config(base).lora is None
+    actor_lora = load_recipe(REPO / "recipes/tiny/ppo-zero3.yaml", ["model.lora.r=4"])
+    assert actor_lora.model.lora.r == 4 and critic_model_config(actor_lora).lora is None  # full critic
+    both = load_recipe(REPO / "recipes/tiny/ppo-zero3.yaml", ["critic.lora.r=8", "critic.gradient_checkpointing=true"])
+    cfg = critic_model_config(both)
+    assert cfg.lora.r == 8 and cfg.gradient_checkpointing and cfg.name_or_path == both.model.name_or_path
+

@@ -7,7 +7,9 @@
 import math
 
 import pytest
+from safetensors.torch import load_file
 
+from engine.checkpoint import export_run
 from engine.tracking import read_jsonl
 from tests.helpers import run_deepspeed
 
@@ -89,6 +91,22 @@ def test_fused_scoring_equals_a_separate_scoring_pass_zero3(tmp_path):
         for key in LOSSES + ("advantages/mean", "returns/mean", "policy/clipfrac"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
 
+
+
+def test_lora_actor_and_lora_critic_train_only_their_adapters_under_zero3(tmp_path):
+    """model.lora and critic.lora together (ZeRO-3, 2 ranks): the run trains, and the saved
+    checkpoint holds both engines as adapters; the critic's value head is trained in full."""
+    metrics, _ = ppo_run(tmp_path, "lora", "train.steps=2", "model.lora.r=4", "critic.lora.r=4",
+                         "checkpoint.save_final=true")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        for key in LOSSES + ("policy/clipfrac", "value/clipfrac"):
+            assert math.isfinite(m[key]), (key, m)
+        assert m["policy/approx_kl"] > 0  # the second mini-batch saw adapters the first one moved
+    export = export_run(tmp_path / "lora", tmp_path / "critic", which="critic")
+    saved = load_file(export / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in saved) and any("score" in k for k in saved), sorted(saved)[:6]
+    assert not any(k.endswith("q_proj.weight") and "lora" not in k for k in saved)  # no base weights
 
 
 def test_reward_model_sharing_the_reference_backbone_changes_nothing_but_the_work(tmp_path):
