@@ -320,23 +320,27 @@ def _lora_layers(root: nn.Module) -> list[nn.Module]:
 
 
 class _LoraMerge:
-    """Merge adapters into the base weights; `restore()` unmerges and, when `backup` is set (weights
-    that are the real training weights, stages 0-2), copies the saved base weights back bit for bit."""
+    """Merge adapters into the base weights for generation; `restore()` marks them unmerged again.
 
-    def __init__(self, layers: list[nn.Module], backup: bool):
+    Base weights that are temporary copies here (gathered ZeRO-3 weights, dtype-cast copies, ids in
+    `temporary`) are merged into and then simply dropped by their own restore action: no backup,
+    no unmerge. The others are the real training weights (stages 0-2, ZeRO-3 persistent params):
+    they are saved first and copied back bit for bit (an unmerge would leave rounding behind)."""
+
+    def __init__(self, layers: list[nn.Module], temporary: set[int]):
         self.layers = layers
-        self.saved = [(p, p.detach().clone()) for m in layers for p in m.get_base_layer().parameters()] \
-            if backup else []
+        self.saved = [(p, p.detach().clone()) for m in layers for p in m.get_base_layer().parameters()
+                      if id(p) not in temporary]
         with torch.no_grad():
             for m in layers:
                 m.merge()
 
     def restore(self) -> None:
         with torch.no_grad():
-            for m in self.layers:
-                m.unmerge()
             for p, copy in self.saved:
                 p.copy_(copy)
+        for m in self.layers:
+            m.merged_adapters.clear()  # peft's own record of what is merged (`m.merged` reads it)
         self.saved = []
 
 
@@ -401,6 +405,7 @@ class HybridEngine:
         t0 = time.perf_counter()
         undo = ExitStack()  # restore actions, run in reverse order on exit (also after an error)
         groups = None
+        temporary: set[int] = set()  # ids of params whose data is a copy made here (dropped on exit)
         try:
             undo.callback(_ModeSwitch(self.module, self.model).restore)
             if self.enabled:
@@ -408,9 +413,12 @@ class HybridEngine:
                 undo.enter_context(decode_linear())
                 undo.callback(_DetachedHooks(self.engine_hooks).restore)
                 if self.sharded:
-                    groups = self._enter_sharded(undo)
+                    groups, gathered = self._enter_sharded(undo)
+                    temporary.update(map(id, gathered))
             if self.dtype is not None and groups is None:
-                undo.callback(_CastWeights(self.module, self.dtype).restore)
+                cast = _CastWeights(self.module, self.dtype)
+                undo.callback(cast.restore)
+                temporary.update(id(p) for p, _ in cast.saved)
             elif self.dtype is not None:  # grouped layers are gathered mid-forward: cast on the fly
                 undo.enter_context(torch.autocast(_device_type(self.module), dtype=self.dtype))
             if self.attn_implementation and self.attn_implementation != self.model.config._attn_implementation:
@@ -418,7 +426,7 @@ class HybridEngine:
                 self.model.set_attn_implementation(self.attn_implementation)
             lora = _lora_layers(self.module)
             if lora and self.enabled and groups is None:
-                undo.callback(_LoraMerge(lora, backup=not self.sharded).restore)
+                undo.callback(_LoraMerge(lora, temporary).restore)
             if self.sharded and "generate" not in self.model.__dict__:
                 self._default_synced_gpus(synced=not self.enabled or groups is not None)
                 undo.callback(self.model.__dict__.pop, "generate", None)
@@ -436,9 +444,10 @@ class HybridEngine:
         if groups is not None:
             self.last_timings["group_gathers"] = groups.gathers
 
-    def _enter_sharded(self, undo: ExitStack) -> Optional[_GroupGather]:
+    def _enter_sharded(self, undo: ExitStack) -> tuple[Optional[_GroupGather], list[nn.Parameter]]:
         """Detach the ZeRO hooks and gather the weights (all, or all but the layers in group mode);
-        register the matching restore actions on `undo`."""
+        register the matching restore actions on `undo`. Returns (layer groups or None, the params
+        gathered here, whose full data is dropped again on exit)."""
         params = list(self.module.parameters())
         if any(p.ds_status == ZeroParamStatus.INFLIGHT for p in params):
             self.offload.partition_all_parameters()  # wait for and drop a prefetch left in flight
@@ -448,14 +457,14 @@ class HybridEngine:
         if self.layers_per_group is None:
             gathered = _gather(params)
             undo.callback(_release, gathered)
-            return None
+            return None, gathered
         layers = _layer_stack(self.model)
         in_layers = {id(p) for p in layers.parameters()}
         gathered = _gather([p for p in params if id(p) not in in_layers])
         undo.callback(_release, gathered)
         groups = _GroupGather(layers, self.layers_per_group)
         undo.callback(groups.remove)
-        return groups
+        return groups, gathered
 
     def _default_synced_gpus(self, synced: bool) -> None:
         """HF turns `synced_gpus` on for any ZeRO-3 run (a collective per token). Gathered weights need

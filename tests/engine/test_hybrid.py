@@ -8,7 +8,8 @@ import torch
 from tests.helpers import REPO, json_lines, run_deepspeed
 
 WORKER = REPO / "tests/engine/workers/hybrid_worker.py"
-ROUND_TRIPS = ["zero3_whole", "zero3_groups", "stage2", "lora_stage3", "lora_stage0", "cast_stage3", "cast_stage0"]
+ROUND_TRIPS = ["zero3_whole", "zero3_groups", "stage2", "lora_stage3", "lora_stage0", "cast_stage3", "cast_stage0",
+               "cast_lora_stage0"]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,7 @@ def test_round_trip_is_exact_and_restores_everything(results, check):
         assert r["hooks_same"] and r["training_same"], f"{where}: hooks or train modes not restored"
         assert r["ckpt_restored"] and r["use_cache_restored"] and r["attn_restored"], where
         assert r["same_tensors"], f"{where}: parameters must get their very own tensors back"
+        assert r["adapters_unmerged"], f"{where}: peft must see its adapters unmerged again"
         assert set(r["timings"]) >= {"gather_s", "generate_s", "release_s"}
 
 
@@ -55,7 +57,7 @@ def test_training_after_round_trips_matches_training_without(results):
 
 
 def test_lora_adapters_are_merged_for_generation(results):
-    for check in ("lora_stage3", "lora_stage0"):
+    for check in ("lora_stage3", "lora_stage0", "cast_lora_stage0"):
         for r in results[check].values():
             assert r["adapters_matter"], "test setup: adapters must change the output to prove the merge"
 

@@ -151,6 +151,7 @@ def check_round_trip(engine, ids, mask, reference, **hybrid_kw) -> dict:
         attn_restored=module.config._attn_implementation == before["attn"],
         same_tensors=before["data"] == [(p.data_ptr(), p.dtype) for p in module.parameters()]
         if not any(hasattr(p, "ds_id") for p in module.parameters()) else True,
+        adapters_unmerged=not any(getattr(m, "merged", False) for m in module.modules()),
         timings=hybrid.last_timings)
 
 
@@ -195,7 +196,9 @@ def stage3_checks(rank: int, ids, mask, emit) -> None:
     emit("zero3_speed", dict(empty_round_trip=empty, sharded_s=t_sharded, hybrid_s=t_hybrid))
 
 
-def lora_checks(stage: int, ids, mask, emit) -> None:
+def lora_checks(stage: int, ids, mask, emit, dtype=None) -> None:
+    """LoRA adapters merged for generation (into gathered or real weights, or, with `dtype`, into
+    the cast copies): the same as a merged plain copy, and everything restored after."""
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                       init_lora_weights=False)  # random B: the adapters change the outputs
     torch.manual_seed(7)
@@ -204,10 +207,19 @@ def lora_checks(stage: int, ids, mask, emit) -> None:
     state = full_state(engine.module)
     base_reference = plain_copy({k.removeprefix("base_model.model.").replace(".base_layer", ""): v
                                  for k, v in state.items() if "lora_" not in k})
-    reference = plain_copy(state, lora)
-    result = check_round_trip(engine, ids, mask, reference)
+    if dtype is None:
+        reference = plain_copy(state, lora)
+        result = check_round_trip(engine, ids, mask, reference)
+    else:  # adapters and base cast first, then merged: what the hybrid engine computes
+        reference = get_peft_model(build_model(stage=0, seed=123), lora)
+        reference.load_state_dict(state, strict=False)
+        for p in reference.parameters():  # parameters only: buffers (rotary inv_freq) stay fp32
+            p.data = p.data.to(dtype)
+        reference = reference.merge_and_unload().eval()
+        reference.set_attn_implementation("eager")
+        result = check_round_trip(engine, ids, mask, reference, dtype=dtype, attn_implementation="eager")
     result["adapters_matter"] = not torch.equal(greedy(base_reference, ids, mask), greedy(reference, ids, mask))
-    emit(f"lora_stage{stage}", result)
+    emit(f"{'cast_' if dtype else ''}lora_stage{stage}", result)
 
 
 def main() -> None:
@@ -236,6 +248,7 @@ def main() -> None:
                                                     attn_implementation="eager"))
     lora_checks(3, ids, mask, emit)
     lora_checks(0, ids, mask, emit)
+    lora_checks(0, ids, mask, emit, dtype=torch.bfloat16)
 
 
 if __name__ == "__main__":
