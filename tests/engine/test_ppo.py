@@ -93,16 +93,24 @@ def test_fused_scoring_equals_a_separate_scoring_pass_zero3(tmp_path):
 
 
 
-def test_lora_actor_and_lora_critic_train_only_their_adapters_under_zero3(tmp_path):
-    """model.lora and critic.lora together (ZeRO-3, 2 ranks): the run trains, and the saved
-    checkpoint holds both engines as adapters; the critic's value head is trained in full."""
-    metrics, _ = ppo_run(tmp_path, "lora", "train.steps=2", "model.lora.r=4", "critic.lora.r=4",
-                         "checkpoint.save_final=true")
-    assert [m["step"] for m in metrics] == [1, 2]
+def test_lora_actor_and_lora_critic_train_resume_and_export_under_zero3(tmp_path):
+    """model.lora and critic.lora together (ZeRO-3, 2 ranks): the run trains, a run resumed from its
+    step-2 checkpoint repeats its step 3, and the critic exports as an adapter with a full value head."""
+    lora = ("train.steps=3", "model.lora.r=4", "critic.lora.r=4", "checkpoint.save_every=2")
+    metrics, _ = ppo_run(tmp_path, "lora", *lora)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         for key in LOSSES + ("policy/clipfrac", "value/clipfrac"):
             assert math.isfinite(m[key]), (key, m)
         assert m["policy/approx_kl"] > 0  # the second mini-batch saw adapters the first one moved
+    step2 = tmp_path / "lora" / "checkpoints" / "step-2"
+    run_deepspeed("launch/train.py", RECIPE, f"--set=output_dir={tmp_path}", "--set=name=resumed",
+                  *[f"--set={o}" for o in lora], f"--resume={step2}")
+    resumed = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    assert resumed[-1]["step"] == 3
+    for key in LOSSES + ("advantages/mean", "returns/mean"):
+        assert resumed[-1][key] == pytest.approx(metrics[-1][key], rel=1e-6, abs=1e-7), key
+
     export = export_run(tmp_path / "lora", tmp_path / "critic", which="critic")
     saved = load_file(export / "adapter_model.safetensors")
     assert any("lora_A" in k for k in saved) and any("score" in k for k in saved), sorted(saved)[:6]
