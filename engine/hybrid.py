@@ -331,8 +331,12 @@ class _LoraMerge:
         self.layers = layers
         self.saved = [(p, p.detach().clone()) for m in layers for p in m.get_base_layer().parameters()
                       if id(p) not in temporary]
+
+    def merge(self) -> None:
+        """Separate from __init__ so that `restore` is registered first: a merge failing halfway
+        still gets every saved weight back."""
         with torch.no_grad():
-            for m in layers:
+            for m in self.layers:
                 m.merge()
 
     def restore(self) -> None:
@@ -426,7 +430,9 @@ class HybridEngine:
                 self.model.set_attn_implementation(self.attn_implementation)
             lora = _lora_layers(self.module)
             if lora and self.enabled and groups is None:
-                undo.callback(_LoraMerge(lora, temporary).restore)
+                merge = _LoraMerge(lora, temporary)
+                undo.callback(merge.restore)
+                merge.merge()
             if self.sharded and "generate" not in self.model.__dict__:
                 self._default_synced_gpus(synced=not self.enabled or groups is not None)
                 undo.callback(self.model.__dict__.pop, "generate", None)
