@@ -236,6 +236,17 @@ def run_trl(args, tcmalloc: bool = False) -> dict:
             "versions": {k: summary["versions"].get(k) for k in ("trl", "transformers", "torch")}}
 
 
+def print_table(rows: list[dict]) -> None:
+    """The short human-readable table after the JSON ("-" where a row has no such ratio)."""
+    print(f"\n{'config':40s} {'s/step':>8s} {'vs TRL':>7s} {'/floor':>7s} {'RSS MiB':>8s} {'RSS/TRL':>7s}  phases (s)")
+    for r in rows:
+        ph = " ".join(f"{k}={v:.2f}" for k, v in r["phases_median_s"].items() if not k.startswith("hybrid"))
+        vs_trl, floor, rss_ratio = (f"{r[k]:7.2f}" if k in r else f"{'-':>7s}"
+                                    for k in ("speedup_vs_trl", "over_floor", "rss_vs_trl"))
+        print(f"{r['config']:40s} {r['step_s_median']:8.2f} {vs_trl} {floor} {r['peak_rss_mib'] or 0:8.0f} "
+              f"{rss_ratio}  {ph[:90]}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="trl_equal,recommended",
@@ -315,12 +326,7 @@ def main() -> int:
                "floor_s_model_shape": {k: round(v, 3) for k, v in shape_floors.items()},
                "results": results, "trl": trl, "trl_tcmalloc": trl_tc}
     print("BENCH_JSON " + json.dumps(summary), flush=True)
-    print(f"\n{'config':40s} {'s/step':>8s} {'vs TRL':>7s} {'/floor':>7s} {'RSS MiB':>8s}  phases (s)")
-    for r in results + [t for t in (trl, trl_tc) if t]:
-        ph = " ".join(f"{k}={v:.2f}" for k, v in r["phases_median_s"].items() if not k.startswith("hybrid"))
-        vs_trl = f"{r['speedup_vs_trl']:7.2f}" if "speedup_vs_trl" in r else f"{'-':>7s}"
-        over = f"{r['over_floor']:7.2f}" if "over_floor" in r else f"{'-':>7s}"
-        print(f"{r['config']:40s} {r['step_s_median']:8.2f} {vs_trl} {over} {r['peak_rss_mib'] or 0:8.0f}  {ph[:90]}")
+    print_table(results + [t for t in (trl, trl_tc) if t])
     return 0
 
 
