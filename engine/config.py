@@ -146,6 +146,9 @@ class TrainConfig(Section):
     mini_batch_size: int = Field(8, gt=0, description="Sequences per optimizer step, all ranks together.")
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass on one rank.")
     generation_batch_size: Optional[int] = Field(None, gt=0, description="Prompts per generate() call on one rank.")
+    scoring_batch_size: Optional[int] = Field(
+        None, gt=0, description="Sequences per no-grad scoring forward on one rank (reference, reward, old "
+        "log-probs and values; no activations are kept, so it can exceed micro_batch_size). Default: micro_batch_size.")
     epochs: int = Field(1, gt=0, description="Passes over the data (supervised) / cap for RL prompt passes.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
     eval_size: int = Field(16, ge=0, description="Held-out prompts scored at each evaluation.")

@@ -171,7 +171,8 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
                                             batch_size=tcfg.generation_batch_size)
         r = Rollout(ids, pmask, resp, rmask, has_eos, batch["prompts"],
                     tokenizer.batch_decode(resp, skip_special_tokens=True))
-        seq, attn, R, mb = r.sequences, r.attention_mask, resp.shape[1], sizes.micro_batch_size
+        seq, attn, R = r.sequences, r.attention_mask, resp.shape[1]
+        mb = tcfg.scoring_batch_size or sizes.micro_batch_size  # no grad: no activations are kept
         all_rows = torch.arange(len(seq), device=seq.device)
         rows = all_rows if fused_rows is None else all_rows[~torch.isin(all_rows, fused_rows.to(seq.device))]
         critic_rows = rows if fuse_critic else all_rows

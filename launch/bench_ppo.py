@@ -52,8 +52,9 @@ def base_recipe(args, prompts: Path, name: str) -> dict:
         "data": {"path": str(prompts), "max_prompt_length": 128, "eval_size": 0},
         "deepspeed": {"zero_stage": 0, "precision": "fp32", "gradient_clipping": 0.0},
         "optim": {"lr": 3e-6, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "scheduler": "linear"},
+        # scoring forwards over the whole rollout batch: TRL's local_rollout_forward_batch_size
         "train": {"steps": args.steps, "rollout_batch_size": b, "mini_batch_size": mini,
-                  "micro_batch_size": mini, "eval_size": 0},
+                  "micro_batch_size": mini, "scoring_batch_size": b, "eval_size": 0},
         "generation": {"max_new_tokens": args.response_length, "ignore_eos": True, "temperature": args.temperature,
                        "top_k": 0, "top_p": 1.0},
         "ppo": {"kl_coef": 0.05, "kl_estimator": "k1", "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1,

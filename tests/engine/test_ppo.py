@@ -68,10 +68,12 @@ def test_micro_batch_accumulation_is_exact(tmp_path):
 def test_fused_first_mini_batch_equals_a_separate_scoring_pass(tmp_path, stage, epochs):
     """Two mini-batches (x two epochs at stage 0): only the first mini-batch's old log-probs come
     from its update forward (values and the other rows from the scoring pass); the run is the same
-    as scoring every row separately, and the second mini-batch still sees a moved policy."""
+    as scoring every row separately, and the second mini-batch still sees a moved policy.
+    The separate run also scores each rank's 4 rows in one forward (train.scoring_batch_size)
+    instead of micro-batches of 2: that changes nothing either."""
     common = (f"deepspeed.zero_stage={stage}", "train.steps=2", f"ppo.ppo_epochs={epochs}")
     fused, _ = ppo_run(tmp_path, "fused", *common, "ppo.fuse_scoring=true")
-    separate, _ = ppo_run(tmp_path, "separate", *common, "ppo.fuse_scoring=false")
+    separate, _ = ppo_run(tmp_path, "separate", *common, "ppo.fuse_scoring=false", "train.scoring_batch_size=4")
     assert "time/train_forward" in fused[0] and "time/train_forward" not in separate[0]
     assert len(fused) == len(separate) == 2
     for a, b in zip(fused, separate):
