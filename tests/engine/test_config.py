@@ -102,4 +102,3 @@ def test_critic_lora_comes_from_critic_lora_only():
     both = load_recipe(REPO / "recipes/tiny/ppo-zero3.yaml", ["critic.lora.r=8", "critic.gradient_checkpointing=true"])
     cfg = critic_model_config(both)
     assert cfg.lora.r == 8 and cfg.gradient_checkpointing and cfg.name_or_path == both.model.name_or_path
-

@@ -94,7 +94,6 @@ def test_fused_scoring_equals_a_separate_scoring_pass_zero3(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
 
 
-
 def test_lora_actor_and_lora_critic_train_resume_and_export_under_zero3(tmp_path):
     """model.lora and critic.lora together (ZeRO-3, 2 ranks): the run trains, a run resumed from its
     step-2 checkpoint repeats its step 3, and the critic exports as an adapter with a full value head."""
