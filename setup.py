@@ -7,13 +7,17 @@ llama-cpp-python: a 9-minute C++ build, sentence-transformers) are never used he
 """
 from setuptools import find_packages, setup
 
+# One import package, rlhf_engine, from the repository's fixed folders: engine/ is rlhf_engine and
+# kernels/ is rlhf_engine.kernels. No top-level `engine` or `kernels` is installed (`kernels` is the
+# import name of Hugging Face's hub-kernels package, which transformers requires).
+PACKAGE_DIR = {"rlhf_engine": "engine", "rlhf_engine.kernels": "kernels"}
+PACKAGES = ["rlhf_engine", *[f"rlhf_engine.{p}" for p in find_packages("engine")],
+            "rlhf_engine.kernels", *[f"rlhf_engine.kernels.{p}" for p in find_packages("kernels")]]
+
 RUNTIME = [
     "torch>=2.4",  # pinned to 2.13.0 by the Makefile; a range here so pip never swaps the installed build
     "deepspeed>=0.16",
-    # <5.25: transformers 5.25 requires the PyPI package `kernels` (Hugging Face hub kernels), whose
-    # import name is that of our kernels/ package; with both installed transformers imports ours and
-    # fails (engine/__init__.py explains this at import time)
-    "transformers>=4.56,<5.25",
+    "transformers>=4.56",
     "datasets>=3.0",
     "peft>=0.15",
     "pyyaml>=6.0",
@@ -23,7 +27,6 @@ RUNTIME = [
     "safetensors>=0.4",
     "accelerate>=1.0",  # transformers' low-memory loading paths
     "vadersentiment>=3.3",  # built-in sentiment reward
-    "rich>=13",  # progress bars
     "matplotlib>=3.8",  # run plots
     "huggingface_hub>=0.30",  # export / push
 ]
@@ -37,12 +40,15 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    package_dir=PACKAGE_DIR,
+    packages=PACKAGES,
     install_requires=RUNTIME,
     extras_require={
         "gpu": ["flash-attn>=2.6"],  # CUDA only; never needed on CPU
-        "test": ["pytest>=8", "triton>=3.0"],  # triton runs the kernels on CPU under TRITON_INTERPRET=1
+        # triton runs the kernels on CPU under TRITON_INTERPRET=1; `kernels` (Hugging Face's hub kernels)
+        # is installed so a test proves we live beside it
+        "test": ["pytest>=8", "triton>=3.0", "kernels"],
         "embedded": EMBEDDED_MODELS,
     },
-    entry_points={"console_scripts": ["rlhf-engine=engine.cli:main"]},
+    entry_points={"console_scripts": ["rlhf-engine=rlhf_engine.cli:main"]},
 )

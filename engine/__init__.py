@@ -31,26 +31,3 @@ def keep_freed_memory() -> bool:
 
 
 keep_freed_memory()
-
-
-def check_kernels_name_clash() -> None:
-    """Refuse to start when PyPI's ``kernels`` (Hugging Face hub kernels) is installed.
-
-    It has the import name of our ``kernels/`` package: transformers (which requires it from 5.25
-    on) then imports ours in its place and fails deep inside ``import transformers`` with
-    "cannot import name 'CUDAProperties' from 'kernels'". Say what is wrong and what to do instead.
-    """
-    from importlib import metadata
-    try:
-        dist = metadata.distribution("kernels")
-    except metadata.PackageNotFoundError:
-        return
-    raise ImportError(
-        f"rlhf-engine: the PyPI package 'kernels' {dist.version} (Hugging Face hub kernels, at "
-        f"{dist.locate_file('')}) is installed in this environment. Its import name is that of rlhf-engine's "
-        "kernels/ package, so transformers would import ours in its place and fail. transformers>=5.25 "
-        "pulls it in: run `make install` (pins transformers<5.25 and removes it), or "
-        "`pip install 'transformers<5.25' && pip uninstall -y kernels`.")
-
-
-check_kernels_name_clash()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.config import RecipeError
+from rlhf_engine.config import RecipeError
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -358,8 +358,8 @@ def _save_tokenizer(ckpt: Path, recipe: dict, out: Path) -> None:
     if (ckpt / "tokenizer").is_dir():
         shutil.copytree(ckpt / "tokenizer", out, dirs_exist_ok=True)
         return
-    from engine.config import ModelConfig
-    from engine.models import load_tokenizer
+    from rlhf_engine.config import ModelConfig
+    from rlhf_engine.models import load_tokenizer
     load_tokenizer(ModelConfig.model_validate(recipe["model"]), recipe.get("cache_dir")).save_pretrained(out)
 
 
@@ -373,7 +373,7 @@ def write_model_card(out: Path, *, run_dir: Path, recipe: dict, step: int, engin
     """README.md: base model, recipe, data, final metrics (metrics.jsonl / eval.jsonl) and plots copied from the run."""
     import yaml
 
-    from engine.tracking import read_jsonl
+    from rlhf_engine.tracking import read_jsonl
 
     model = recipe.get("model", {}).get("name_or_path", "?")
     stage = recipe.get("stage", "?")

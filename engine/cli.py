@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine.config import RecipeError, derive_batch_sizes, load_recipe, recipe_to_yaml
+from rlhf_engine.config import RecipeError, derive_batch_sizes, load_recipe, recipe_to_yaml
 
 WORKER = Path(__file__).with_name("worker.py")
 
@@ -23,7 +23,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
-    from engine.pipeline import is_pipeline, load_pipeline
+    from rlhf_engine.pipeline import is_pipeline, load_pipeline
 
     if is_pipeline(args.recipe):
         spec, stages = load_pipeline(args.recipe, args.overrides)
@@ -39,7 +39,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from engine.models import list_presets
+    from rlhf_engine.models import list_presets
 
     for name, desc in list_presets():
         print(f"{name:24s} {desc}")
@@ -47,7 +47,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from engine.pipeline import is_pipeline, run_pipeline
+    from rlhf_engine.pipeline import is_pipeline, run_pipeline
 
     if is_pipeline(args.recipe):
         return run_pipeline(args.recipe, args.overrides, nproc=args.nproc)
@@ -58,16 +58,15 @@ def cmd_train(args) -> int:
                args.recipe, *[f"--set={o}" for o in args.overrides],
                *([f"--resume={args.resume}"] if args.resume else [])]
         print("[launch] " + " ".join(cmd), file=sys.stderr, flush=True)
-        return subprocess.call(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
-    from engine.worker import run
+        return subprocess.call(cmd)
+    from rlhf_engine.worker import run
 
     run(recipe, resume=args.resume)
     return 0
 
 
 def cmd_export(args) -> int:
-    from engine.checkpoint import export_run, hub_preflight, push_to_hub
+    from rlhf_engine.checkpoint import export_run, hub_preflight, push_to_hub
 
     if args.push_to_hub:
         hub_preflight(args.push_to_hub)  # token and endpoint first: fail before any export work
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "train" and argv is None:  # a real process start (not a library call): tcmalloc first
-        from engine.allocator import ensure_tcmalloc, report_allocator
+        from rlhf_engine.allocator import ensure_tcmalloc, report_allocator
 
         ensure_tcmalloc()
         report_allocator()

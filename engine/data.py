@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch.utils.data import Dataset
 
-from engine.config import DatasetConfig
+from rlhf_engine.config import DatasetConfig
 
 log = logging.getLogger(__name__)
 Messages = list[dict]

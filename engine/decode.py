@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.hybrid import DECODE_ROWS, skinny_linear
+from rlhf_engine.hybrid import DECODE_ROWS, skinny_linear
 
 
 def _supported_classes() -> tuple[type, ...]:

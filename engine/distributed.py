@@ -19,7 +19,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch import nn
 
-from engine.config import BatchSizes, OptimConfig, Recipe
+from rlhf_engine.config import BatchSizes, OptimConfig, Recipe
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -60,7 +60,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from engine.distributed import autocast_dtype
+from rlhf_engine.distributed import autocast_dtype
 
 try:  # deepspeed is a hard dependency of the project; the import guard only keeps errors clear
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus

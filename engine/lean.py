@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import onednn
+from rlhf_engine import onednn
 
 
 def _classes(kind: str) -> tuple[type, ...]:

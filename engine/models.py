@@ -21,10 +21,10 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           PretrainedConfig, PreTrainedModel)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from engine.config import ModelConfig
-from engine.lean import make_lean
-from engine.onednn import use_onednn_linears
-from engine.presets import (PRESETS, cache_root, cached_folder, convert_gguf, gguf_cache_key, list_presets,
+from rlhf_engine.config import ModelConfig
+from rlhf_engine.lean import make_lean
+from rlhf_engine.onednn import use_onednn_linears
+from rlhf_engine.presets import (PRESETS, cache_root, cached_folder, convert_gguf, gguf_cache_key, list_presets,
                             use_distinct_pad)
 
 __all__ = ["PRESETS", "ResolvedModel", "ScalarModel", "dtype_of", "is_encoder", "list_presets", "load_policy",

@@ -27,8 +27,8 @@ from typing import Optional
 import yaml
 from pydantic import Field, ValidationError
 
-from engine.config import Recipe, RecipeError, Section, _format_errors, _key_lines, load_recipe
-from engine.tracking import run_dir_for
+from rlhf_engine.config import Recipe, RecipeError, Section, _format_errors, _key_lines, load_recipe
+from rlhf_engine.tracking import run_dir_for
 
 DONE = "PIPELINE_STAGE_DONE"
 
@@ -88,10 +88,11 @@ def run_pipeline(path, overrides: Optional[list[str]] = None, nproc: int = 1) ->
             continue
         resume = recipe.stage == "rl" and (run_dir / "checkpoints").is_dir()
         print(f"{tag}: starting" + (" (resuming)" if resume else ""), flush=True)
-        cmd = [sys.executable, "-m", "engine.cli", "train", str(stage_path), "--nproc", str(nproc),
+        cmd = [sys.executable, "-m", "rlhf_engine.cli", "train", str(stage_path), "--nproc", str(nproc),
                *[f"--set={s}" for s in sets], *(["--resume=auto"] if resume else [])]
-        code = subprocess.call(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
+        # PYTHONSAFEPATH: `-m` would put the current folder first on sys.path, and a checkout's top-level
+        # kernels/ folder would then shadow Hugging Face's `kernels` package
+        code = subprocess.call(cmd, env={**os.environ, "PYTHONSAFEPATH": "1"})
         if code != 0:
             print(f"{tag}: failed (exit code {code}); fix it and run the pipeline again: finished stages "
                   "are skipped", file=sys.stderr, flush=True)

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import Recipe
-from engine.data import collate_pairs, load_preferences
-from engine.distributed import DistInfo
-from engine.models import load_scalar_model
+from rlhf_engine.config import Recipe
+from rlhf_engine.data import collate_pairs, load_preferences
+from rlhf_engine.distributed import DistInfo
+from rlhf_engine.models import load_scalar_model
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
@@ -99,6 +99,6 @@ class RewardModelTask:
 
 def train_reward_model(recipe: Recipe, dist: Optional[DistInfo] = None) -> dict:
     """Run the reward-model stage of ``recipe`` (see engine.supervised.train_supervised for the summary)."""
-    from engine.supervised import train_supervised
+    from rlhf_engine.supervised import train_supervised
 
     return train_supervised(recipe, dist, RewardModelTask(recipe))

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from engine.config import RewardConfig
+from rlhf_engine.config import RewardConfig
 
 SAMPLE_CHARS = 200  # how much of a prompt / response an error message shows
 
@@ -317,7 +317,7 @@ class ModelReward(RewardFunction):
 def load_model_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None
                       ) -> ModelReward:
     """Load the reward model of ``reward.model`` (via engine.models) and its tokenizer."""
-    from engine import models  # heavy (transformers); only the model reward needs it
+    from rlhf_engine import models  # heavy (transformers); only the model reward needs it
 
     kwargs = dict(reward_cfg.kwargs)
     _no_kwargs("model", kwargs, ("batch_size",))

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-import kernels
+from rlhf_engine import kernels
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
 

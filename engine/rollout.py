@@ -15,8 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
-import kernels
-from engine.config import GenerationSection
+from rlhf_engine import kernels
+from rlhf_engine.config import GenerationSection
 
 
 @dataclass
@@ -235,7 +235,7 @@ def _say_once(message: str) -> None:
 
 def _decode_steps(model, prompt_ids: torch.Tensor, mask: torch.Tensor, gen: GenerationSection):
     """(prefill() -> logits [B, V], step(tokens [B]) -> logits [B, V]), float32 next-token logits."""
-    from engine.decode import FusedDecoder
+    from rlhf_engine.decode import FusedDecoder
 
     B, P = prompt_ids.shape
     if gen.fused_decode:

@@ -18,11 +18,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-import kernels
-from engine.config import Recipe
-from engine.data import collate_sft, load_sft
-from engine.distributed import DistInfo
-from engine.models import load_policy
+from rlhf_engine import kernels
+from rlhf_engine.config import Recipe
+from rlhf_engine.data import collate_sft, load_sft
+from rlhf_engine.distributed import DistInfo
+from rlhf_engine.models import load_policy
 
 IGNORE_INDEX = -100
 
@@ -85,6 +85,6 @@ class SFTTask:
 
 def train_sft(recipe: Recipe, dist: Optional[DistInfo] = None) -> dict:
     """Run the SFT stage of ``recipe`` (see engine.supervised.train_supervised for the summary)."""
-    from engine.supervised import train_supervised
+    from rlhf_engine.supervised import train_supervised
 
     return train_supervised(recipe, dist, SFTTask(recipe))

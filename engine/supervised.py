@@ -30,11 +30,11 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from engine.config import Recipe, RecipeError, derive_batch_sizes
-from engine.distributed import (DistInfo, barrier, create_train_engine, ds_config, gather_full_state_dict,
+from rlhf_engine.config import Recipe, RecipeError, derive_batch_sizes
+from rlhf_engine.distributed import (DistInfo, barrier, create_train_engine, ds_config, gather_full_state_dict,
                                 init_distributed, unwrap, zero_init_context)
-from engine.models import load_tokenizer
-from engine.tracking import Tracker, plot_metrics, run_dir_for
+from rlhf_engine.models import load_tokenizer
+from rlhf_engine.tracking import Tracker, plot_metrics, run_dir_for
 
 
 class SupervisedTask(Protocol):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from engine.config import Recipe, recipe_to_yaml
+from rlhf_engine.config import Recipe, recipe_to_yaml
 
 
 def _clean(v: Any) -> Any:

@@ -15,18 +15,18 @@ from typing import Optional
 
 import torch
 
-import kernels
-from engine import rl
-from engine.checkpoint import CheckpointManager
-from engine.config import Recipe, derive_batch_sizes
-from engine.data import collate_prompts, load_prompts
-from engine.distributed import (DistInfo, barrier, create_frozen_engine, create_train_engine,
+from rlhf_engine import kernels
+from rlhf_engine import rl
+from rlhf_engine.checkpoint import CheckpointManager
+from rlhf_engine.config import Recipe, derive_batch_sizes
+from rlhf_engine.data import collate_prompts, load_prompts
+from rlhf_engine.distributed import (DistInfo, barrier, create_frozen_engine, create_train_engine,
                                 ds_config, init_distributed, unwrap, zero_init_context)
-from engine.hybrid import HybridEngine
-from engine.models import dtype_of, load_policy, load_scalar_model, load_tokenizer
-from engine.rewards import build_reward, check_scores
-from engine.rollout import Rollout, forward_logprobs, forward_values, generate, micro_batched
-from engine.tracking import Tracker, archive_previous_run, plot_metrics, run_dir_for
+from rlhf_engine.hybrid import HybridEngine
+from rlhf_engine.models import dtype_of, load_policy, load_scalar_model, load_tokenizer
+from rlhf_engine.rewards import build_reward, check_scores
+from rlhf_engine.rollout import Rollout, forward_logprobs, forward_values, generate, micro_batched
+from rlhf_engine.tracking import Tracker, archive_previous_run, plot_metrics, run_dir_for
 
 
 class PromptSampler:

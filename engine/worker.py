@@ -9,24 +9,24 @@ import json
 import math
 import sys
 
-from engine.config import Recipe, RecipeError, load_recipe
+from rlhf_engine.config import Recipe, RecipeError, load_recipe
 
 
 def run(recipe: Recipe, resume: str | None = None) -> dict:
     """Run the recipe's stage on this rank; the main rank prints the summary."""
-    from engine.distributed import init_distributed
+    from rlhf_engine.distributed import init_distributed
 
     dist = init_distributed(recipe.num_threads)
     if recipe.stage == "rl":
-        from engine.trainer import train_rl
+        from rlhf_engine.trainer import train_rl
 
         summary = train_rl(recipe, dist, resume=resume)
     elif recipe.stage == "sft":
-        from engine.sft import train_sft
+        from rlhf_engine.sft import train_sft
 
         summary = train_sft(recipe, dist)
     elif recipe.stage == "reward":
-        from engine.reward_model import train_reward_model
+        from rlhf_engine.reward_model import train_reward_model
 
         summary = train_reward_model(recipe, dist)
     else:
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
     if argv is None:  # started by the deepspeed launcher directly: tcmalloc first (inherited via rlhf-engine)
-        from engine.allocator import ensure_tcmalloc
+        from rlhf_engine.allocator import ensure_tcmalloc
 
         ensure_tcmalloc()
     try:

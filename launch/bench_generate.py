@@ -28,8 +28,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from engine.distributed import init_distributed
-from engine.hybrid import HybridEngine, original_linear
+from rlhf_engine.distributed import init_distributed
+from rlhf_engine.hybrid import HybridEngine, original_linear
 
 PROMPTS = ["Write a short poem about the sea.", "What is the capital of France?",
            "Explain gradient descent to a child.", "List three uses of a paperclip.",
@@ -54,8 +54,8 @@ def load_unsharded(name: str, batch: int, rank: int):
         model = AutoModelForCausalLM.from_config(config)
         ids = torch.randint(3, 1000, (batch, 16), generator=torch.Generator().manual_seed(rank))
         return model.eval(), ids, torch.ones_like(ids)
-    from engine.config import ModelConfig
-    from engine.models import load_policy, load_tokenizer
+    from rlhf_engine.config import ModelConfig
+    from rlhf_engine.models import load_policy, load_tokenizer
     cfg = ModelConfig(name_or_path="smollm2-135m-instruct")
     if rank == 0:  # convert / cache the preset once before the other rank reads it
         load_tokenizer(cfg)

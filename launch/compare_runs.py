@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
-from engine.tracking import read_jsonl  # noqa: E402
+from rlhf_engine.tracking import read_jsonl  # noqa: E402
 
 RESERVED = ("seed", "name", "output_dir")  # set per run by this script
 
@@ -60,12 +60,12 @@ def run_one(recipe: str, variant: str, overrides: list[str], seed: int, workdir:
     """Train one (variant, seed) in a fresh process; return its curves and timings."""
     name = f"{variant}-seed{seed}"
     sets = [*extra, *overrides, f"seed={seed}", f"name={name}", f"output_dir={workdir}"]  # later wins
-    cmd = [sys.executable, "-m", "engine.cli", "train", recipe, *[f"--set={s}" for s in sets]]
+    cmd = [sys.executable, "-m", "rlhf_engine.cli", "train", recipe, *[f"--set={s}" for s in sets]]
     t = time.perf_counter()
     log = workdir / f"{name}.log"
     with open(log, "w") as fh:
         code = subprocess.call(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+                               env={**os.environ, "PYTHONSAFEPATH": "1"})
     wall = time.perf_counter() - t
     if code != 0:
         tail = log.read_text().strip().splitlines()[-5:]

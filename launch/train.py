@@ -6,11 +6,8 @@
 Single process: `rlhf-engine train RECIPE` (or `--nproc N` to start this launcher for you).
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from engine.worker import main  # noqa: E402
+from rlhf_engine.worker import main
 
 if __name__ == "__main__":
     sys.exit(main())

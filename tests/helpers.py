@@ -10,6 +10,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# what test subprocesses need: tests/ on the path (workers import helpers), and never the checkout's root
+# first (`python -m`/`-c` put the current folder there, where kernels/ would shadow Hugging Face's
+# `kernels`; PYTHONSAFEPATH stops that)
+TEST_ENV = {"PYTHONPATH": str(REPO / "tests"), "PYTHONSAFEPATH": "1"}
 
 
 def load_launch_script(name: str):
@@ -32,7 +36,7 @@ def run_deepspeed(script: str | Path, *args: str, nproc: int = 2, timeout: int =
     port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
            "--master_port", str(port), str(script), *map(str, args)]
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**os.environ, **TEST_ENV, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"deepspeed run failed ({proc.returncode}): {' '.join(cmd)}\n"

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from engine.checkpoint import CheckpointError, CheckpointManager, export_run
-from engine.cli import main as cli_main
-from engine.config import ModelConfig
-from engine.models import load_scalar_model, resolve_model_path
-from tests.engine.workers.ckpt_shared import RUN_NAME, checkpoint_run
+from rlhf_engine.checkpoint import CheckpointError, CheckpointManager, export_run
+from rlhf_engine.cli import main as cli_main
+from rlhf_engine.config import ModelConfig
+from rlhf_engine.models import load_scalar_model, resolve_model_path
+from ckpt_shared import RUN_NAME, checkpoint_run
 
 ENGINES = ("actor", "critic", "lora")
 

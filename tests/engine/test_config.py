@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import RecipeError, derive_batch_sizes, load_recipe
+from rlhf_engine.config import RecipeError, derive_batch_sizes, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "recipes/smoke/ppo-smollm2.yaml"
@@ -84,17 +84,17 @@ def test_batch_sizes_divide_or_fail(tmp_path):
 
 
 def test_cli_validate_exit_codes():
-    ok = subprocess.run([sys.executable, "-m", "engine.cli", "validate", str(SMOKE), "--set", "train.steps=3"],
+    ok = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "validate", str(SMOKE), "--set", "train.steps=3"],
                         cwd=REPO, capture_output=True, text=True)
     assert ok.returncode == 0 and "steps: 3" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "engine.cli", "validate", str(SMOKE), "--set", "ppo.kl_coeff=1"],
+    bad = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "validate", str(SMOKE), "--set", "ppo.kl_coeff=1"],
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2
     assert "unknown key 'ppo.kl_coeff'" in bad.stderr and "did you mean 'kl_coef'?" in bad.stderr
 
 
 def test_critic_lora_comes_from_critic_lora_only():
-    from engine.trainer import critic_model_config
+    from rlhf_engine.trainer import critic_model_config
     base = load_recipe(REPO / "recipes/tiny/ppo-zero3.yaml")
     assert critic_model_config(base).lora is None
     actor_lora = load_recipe(REPO / "recipes/tiny/ppo-zero3.yaml", ["model.lora.r=4"])

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from engine.config import DatasetConfig
-from engine.data import (DataError, collate_pairs, collate_prompts, collate_sft, load_preferences, load_prompts,
+from rlhf_engine.config import DatasetConfig
+from rlhf_engine.data import (DataError, collate_pairs, collate_prompts, collate_sft, load_preferences, load_prompts,
                          load_sft, read_rows, render_prompt)
 
 DATA = Path(__file__).resolve().parents[2] / "recipes" / "data"
@@ -20,8 +20,8 @@ PAD = 0  # <|endoftext|>, distinct from EOS <|im_end|> (2)
 @pytest.fixture(scope="module")
 def tok():
     try:
-        from engine.models import load_tokenizer
-        from engine.config import ModelConfig
+        from rlhf_engine.models import load_tokenizer
+        from rlhf_engine.config import ModelConfig
     except ImportError:  # models.py not there yet: read the tokenizer straight from the GGUF file
         import importlib.util
 

@@ -11,10 +11,10 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
-from engine.config import GenerationSection, ModelConfig
-from engine.decode import FusedDecoder
-from engine.models import load_policy
-from engine.rollout import _decode_steps, sample_tokens
+from rlhf_engine.config import GenerationSection, ModelConfig
+from rlhf_engine.decode import FusedDecoder
+from rlhf_engine.models import load_policy
+from rlhf_engine.rollout import _decode_steps, sample_tokens
 
 STEPS = 6
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import Recipe, RecipeError, derive_batch_sizes
-from engine.distributed import config_dtype, ds_config, frozen_stage, lr_lambda
-from tests.helpers import REPO, json_lines, run_deepspeed
+from rlhf_engine.config import Recipe, RecipeError, derive_batch_sizes
+from rlhf_engine.distributed import config_dtype, ds_config, frozen_stage, lr_lambda
+from helpers import REPO, TEST_ENV, json_lines, run_deepspeed
 
 WORKER = Path(__file__).parent / "workers" / "zero3_step.py"
 
@@ -74,8 +74,8 @@ def test_bf16_autocast_keeps_fp32_weights_and_plain_adamw():
     # a real engine, in a fresh process (a world of one): bf16 compute, fp32 weights, fused AdamW
     code = """
 import json, torch
-from engine.config import Recipe, derive_batch_sizes
-from engine.distributed import autocast_dtype, create_frozen_engine, create_train_engine, init_distributed
+from rlhf_engine.config import Recipe, derive_batch_sizes
+from rlhf_engine.distributed import autocast_dtype, create_frozen_engine, create_train_engine, init_distributed
 init_distributed()
 r = Recipe.model_validate(dict(name="t", stage="sft", model={"name_or_path": "tiny"}, data={"path": "x.jsonl"},
                                train={"steps": 2, "mini_batch_size": 1, "micro_batch_size": 1},
@@ -98,7 +98,7 @@ print("RESULT " + json.dumps({"frozen_out": str(frozen(torch.randn(2, 8)).dtype)
       "allreduce": engine.enable_backward_allreduce, "grad_ok": grad_ok}))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, **TEST_ENV})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json_lines(proc.stdout, "RESULT ")[0] == {"frozen_out": "torch.bfloat16", "frozen_weight": "torch.float32",
                                                      "autocast": "torch.bfloat16", "out": "torch.bfloat16",
@@ -146,7 +146,7 @@ def by_check(results: list[dict]) -> dict[str, list[dict]]:
 
 def test_single_process_without_launcher(tmp_path):
     """No launcher: a world of one; ZeRO-0 bf16 engine (fp32 masters) and a replicated frozen model."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **TEST_ENV, "OMP_NUM_THREADS": "1"}
     env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path), "--single"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -2,7 +2,7 @@
 
 The fake hub implements the endpoints huggingface_hub calls for whoami, create_repo, create_branch,
 README validation, preupload (answering "regular" so files travel base64-inline in the commit) and
-the NDJSON commit. The run comes from the shared 2-rank checkpoint run (tests/engine/workers/ckpt_shared.py).
+the NDJSON commit. The run comes from the shared 2-rank checkpoint run (tests/ckpt_shared.py).
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import huggingface_hub.constants as hub_constants
 import pytest
 
-from engine.cli import main as cli_main
-from tests.engine.workers.ckpt_shared import RUN_NAME, checkpoint_run
-from tests.helpers import free_port
+from rlhf_engine.cli import main as cli_main
+from ckpt_shared import RUN_NAME, checkpoint_run
+from helpers import free_port
 
 TOKEN = "hf_test_token_123"
 

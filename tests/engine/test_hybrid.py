@@ -5,7 +5,7 @@ One launch of tests/engine/workers/hybrid_worker.py (~1 min) runs every check; s
 import pytest
 import torch
 
-from tests.helpers import REPO, json_lines, run_deepspeed
+from helpers import REPO, json_lines, run_deepspeed
 
 WORKER = REPO / "tests/engine/workers/hybrid_worker.py"
 ROUND_TRIPS = ["zero3_whole", "zero3_groups", "stage2", "lora_stage3", "lora_stage0", "cast_stage3", "cast_stage0",
@@ -72,7 +72,7 @@ def test_hybrid_is_faster_than_sharded_generate(results):
 def test_decode_linear_takes_skinny_bf16_products_only_and_restores_f_linear():
     import torch.nn.functional as F
 
-    from engine.hybrid import DECODE_ROWS, WIDE_HEAD_ROWS, decode_linear
+    from rlhf_engine.hybrid import DECODE_ROWS, WIDE_HEAD_ROWS, decode_linear
 
     real = F.linear
     g = torch.Generator().manual_seed(0)

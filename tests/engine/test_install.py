@@ -1,4 +1,5 @@
-"""The installed environment: PyPI's `kernels` (Hugging Face hub kernels) shares our package's import name."""
+"""The installed environment: one import package, rlhf_engine, beside Hugging Face's `kernels` and transformers."""
+import json
 import os
 import subprocess
 import sys
@@ -6,25 +7,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
+PROBE = """
+import json, importlib.util
+import kernels, transformers
+import rlhf_engine, rlhf_engine.kernels, rlhf_engine.cli
+print(json.dumps({"hf_kernels": kernels.__file__, "ours": rlhf_engine.kernels.__file__,
+                  "engine": importlib.util.find_spec("engine") is not None,
+                  "transformers": transformers.__version__}))
+"""
 
-def _import_engine(extra_path: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (extra_path, str(REPO)) if p)}
-    return subprocess.run([sys.executable, "-c", "import engine, kernels; print(kernels.__file__)"],
-                          env=env, capture_output=True, text=True, cwd=REPO)
 
-
-def test_our_kernels_package_is_the_one_imported():
-    out = _import_engine()
+def test_hugging_face_kernels_transformers_and_rlhf_engine_in_one_process(tmp_path):
+    """HF's `kernels` (required by transformers >= 5.25) imports as itself; ours is rlhf_engine.kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300)
     assert out.returncode == 0, out.stderr
-    assert Path(out.stdout.strip()).parent == REPO / "kernels"
-
-
-def test_hub_kernels_distribution_is_refused_with_what_to_do(tmp_path):
-    """A `kernels` distribution next to ours: a clear error at `import engine`, not deep in transformers."""
-    info = tmp_path / "kernels-0.19.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
-    out = _import_engine(str(tmp_path))
-    assert out.returncode != 0
-    assert "PyPI package 'kernels' 0.19.1" in out.stderr
-    assert "transformers<5.25" in out.stderr and "pip uninstall -y kernels" in out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert Path(info["ours"]).parent == REPO / "kernels"
+    assert Path(info["hf_kernels"]).parent != REPO / "kernels" and "site-packages" in info["hf_kernels"]
+    assert not info["engine"], "a top-level `engine` import name must not be installed"

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from engine.config import LoraConfig, ModelConfig
-from engine.lean import MLP_CLASSES, NORM_CLASSES, make_lean, why_not_lean
-from engine.models import load_policy, load_scalar_model
-from engine.onednn import use_onednn_linears
+from rlhf_engine.config import LoraConfig, ModelConfig
+from rlhf_engine.lean import MLP_CLASSES, NORM_CLASSES, make_lean, why_not_lean
+from rlhf_engine.models import load_policy, load_scalar_model
+from rlhf_engine.onednn import use_onednn_linears
 
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)

@@ -38,7 +38,7 @@ def test_freed_tensors_stay_with_the_process():
 # ---- engine.allocator: training entry points re-execute themselves on tcmalloc -------------------------
 ALLOC_PROBE = r"""
 import sys
-from engine.allocator import ensure_tcmalloc, loaded_allocator
+from rlhf_engine.allocator import ensure_tcmalloc, loaded_allocator
 ensure_tcmalloc()
 print("ALLOC", loaded_allocator(), repr(sys.argv[1:]))
 """
@@ -51,7 +51,7 @@ def _probe(allocator: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_tcmalloc_is_installed():
-    from engine.allocator import find_tcmalloc
+    from rlhf_engine.allocator import find_tcmalloc
 
     assert find_tcmalloc(), ("libtcmalloc-minimal4 is missing: `make install` installs it with apt-get when run "
                              "as root; without it training runs on glibc malloc (slower, more memory)")

@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine.config import LoraConfig, ModelConfig
-from engine.models import (ScalarModel, dtype_of, last_token_index, list_presets, load_policy, load_scalar_model,
+from rlhf_engine.config import LoraConfig, ModelConfig
+from rlhf_engine.models import (ScalarModel, dtype_of, last_token_index, list_presets, load_policy, load_scalar_model,
                            load_tokenizer, resolve_model_path)
-from engine.presets import COMPLETE_MARKER, PRESETS, cache_root, cached_folder
-from tests.helpers import run_deepspeed
+from rlhf_engine.presets import COMPLETE_MARKER, PRESETS, cache_root, cached_folder
+from helpers import run_deepspeed
 
 SMOL = ModelConfig(name_or_path="smollm2-135m-instruct")
 TINY = ModelConfig(name_or_path="tiny-llama")

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import onednn
-from engine.config import ModelConfig
-from engine.models import load_policy, load_scalar_model
+from rlhf_engine import onednn
+from rlhf_engine.config import ModelConfig
+from rlhf_engine.models import load_policy, load_scalar_model
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -9,9 +9,9 @@ import math
 import pytest
 from safetensors.torch import load_file
 
-from engine.checkpoint import export_run
-from engine.tracking import read_jsonl
-from tests.helpers import run_deepspeed
+from rlhf_engine.checkpoint import export_run
+from rlhf_engine.tracking import read_jsonl
+from helpers import run_deepspeed
 
 RECIPE = "recipes/tiny/ppo-zero3.yaml"
 LOSSES = ("loss/policy", "loss/value", "score/mean", "kl/mean", "entropy")

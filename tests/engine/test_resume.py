@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from engine.tracking import read_jsonl
-from tests.helpers import REPO, free_port, run_deepspeed
+from rlhf_engine.tracking import read_jsonl
+from helpers import REPO, TEST_ENV, free_port, run_deepspeed
 
 RECIPE = "recipes/tiny/ppo-zero3.yaml"
 COMMON = ("deepspeed.zero_stage=0", "train.steps=4", "checkpoint.save_every=1", "checkpoint.keep_last=2")
@@ -26,7 +26,7 @@ def test_kill9_and_resume_matches_uninterrupted(tmp_path):
     # start the same run, kill -9 every process once step 2's checkpoint is complete
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "launch/train.py", *args(tmp_path, "killed")]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **TEST_ENV, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     marker = tmp_path / "killed" / "checkpoints" / "step-2" / "COMPLETE"

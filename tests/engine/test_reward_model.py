@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from engine.config import ModelConfig, load_recipe
-from engine.data import collate_pairs
-from engine.models import load_scalar_model
-from engine.reward_model import RewardModelTask, bradley_terry_loss, train_reward_model
-from tests.helpers import REPO, json_lines, run_deepspeed
+from rlhf_engine.config import ModelConfig, load_recipe
+from rlhf_engine.data import collate_pairs
+from rlhf_engine.models import load_scalar_model
+from rlhf_engine.reward_model import RewardModelTask, bradley_terry_loss, train_reward_model
+from helpers import REPO, json_lines, run_deepspeed
 
 SMOKE_RM = REPO / "recipes/smoke/rm-minilm.yaml"
 TINY_RM = REPO / "recipes/tiny/rm.yaml"

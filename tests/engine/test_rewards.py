@@ -4,8 +4,8 @@ import textwrap
 import pytest
 import torch
 
-from engine.config import RewardConfig
-from engine.rewards import RewardError, build_reward, check_scores
+from rlhf_engine.config import RewardConfig
+from rlhf_engine.rewards import RewardError, build_reward, check_scores
 
 PROMPTS = ["How is your day?", "Tell me about the weather."]
 
@@ -109,8 +109,8 @@ def test_check_scores_accepts_lists_and_tensors():
 
 def test_model_reward_scores_text_and_token_ids_alike():
     """tiny-bert RM (MiniLM vocabulary) under a tiny-llama policy (SmolLM2 vocabulary): re-tokenized path."""
-    from engine.config import ModelConfig
-    from engine.models import load_tokenizer
+    from rlhf_engine.config import ModelConfig
+    from rlhf_engine.models import load_tokenizer
 
     policy_tok = load_tokenizer(ModelConfig(name_or_path="tiny-llama"))
     cfg = RewardConfig(type="model", model=ModelConfig(name_or_path="tiny-bert"), scale=3.0)
@@ -144,9 +144,9 @@ def test_model_reward_scores_text_and_token_ids_alike():
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_reward_sharing_the_reference_backbone_scores_exactly_as_its_own_copy(dtype):
     """TRL's workload builds the reward model and the reference from the same weights: one forward serves both."""
-    from engine.config import ModelConfig
-    from engine.models import load_policy, load_tokenizer
-    from engine.rollout import forward_logprobs
+    from rlhf_engine.config import ModelConfig
+    from rlhf_engine.models import load_policy, load_tokenizer
+    from rlhf_engine.rollout import forward_logprobs
 
     model_cfg = ModelConfig(name_or_path="tiny-llama", dtype=dtype)
     tok = load_tokenizer(model_cfg)

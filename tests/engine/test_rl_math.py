@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from engine import rl
-from engine.config import PPOConfig
+from rlhf_engine import rl
+from rlhf_engine.config import PPOConfig
 
 
 def close(actual, expected, tol=1e-5):

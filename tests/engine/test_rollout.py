@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import GenerationSection, ModelConfig
-from engine.models import load_policy, load_tokenizer
-from engine.rollout import generate, sample_categorical, sample_tokens, warp_logits
+from rlhf_engine.config import GenerationSection, ModelConfig
+from rlhf_engine.models import load_policy, load_tokenizer
+from rlhf_engine.rollout import generate, sample_categorical, sample_tokens, warp_logits
 
 PROMPTS = ["Write one sentence about the sea.", "Hi", "Name three colours, please, and explain why you like them."]
 

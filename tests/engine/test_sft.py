@@ -9,11 +9,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.config import load_recipe
-from engine.data import collate_sft, load_sft
-from engine.models import load_policy, load_tokenizer
-from engine.sft import SFTTask, sft_loss, train_sft
-from tests.helpers import REPO, json_lines, run_deepspeed
+from rlhf_engine.config import load_recipe
+from rlhf_engine.data import collate_sft, load_sft
+from rlhf_engine.models import load_policy, load_tokenizer
+from rlhf_engine.sft import SFTTask, sft_loss, train_sft
+from helpers import REPO, json_lines, run_deepspeed
 
 TINY_SFT = REPO / "recipes/tiny/sft-zero3.yaml"
 

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from kernel_checks import HAS_TRITON  # noqa: E402
 
-import kernels  # noqa: E402
+from rlhf_engine import kernels  # noqa: E402
 
 NO_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 BACKENDS = ["torch", pytest.param("triton", marks=NO_TRITON)]

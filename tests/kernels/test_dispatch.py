@@ -9,8 +9,8 @@ import pytest
 import torch
 from kernel_checks import HAS_TRITON
 
-import kernels
-from kernels import _dispatch
+from rlhf_engine import kernels
+from rlhf_engine.kernels import _dispatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_checks import assert_matches
 
-import kernels
+from rlhf_engine import kernels
 
 
 def test_gae_hand_computed(backend):

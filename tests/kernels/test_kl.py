@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_checks import assert_matches
 
-import kernels
+from rlhf_engine import kernels
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])

@@ -4,8 +4,8 @@ import pytest
 import torch
 from kernel_checks import assert_matches
 
-import kernels
-from kernels import _chunked, _linear
+from rlhf_engine import kernels
+from rlhf_engine.kernels import _chunked, _linear
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from kernel_checks import HAS_TRITON, assert_matches
 
-import kernels
-from kernels import _chunked
+from rlhf_engine import kernels
+from rlhf_engine.kernels import _chunked
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -147,7 +147,7 @@ def test_torch_tilings(monkeypatch, tile, dtype):
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_triton_multiple_vocab_blocks(monkeypatch):
     """Force the Triton kernels to stream the vocabulary in several blocks (online logsumexp)."""
-    from kernels._triton import logprobs as tl_logprobs
+    from rlhf_engine.kernels._triton import logprobs as tl_logprobs
 
     monkeypatch.setattr(tl_logprobs, "MAX_BLOCK_V", 64)
     with kernels.set_backend("triton"):

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Recipe, derive_batch_sizes
-from tests.helpers import load_launch_script
+from rlhf_engine.config import Recipe, derive_batch_sizes
+from helpers import load_launch_script
 
 
 @pytest.mark.parametrize("config", ["trl_equal", "recommended"])

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, load_launch_script
+from helpers import REPO, load_launch_script
 
 TINY = ["deepspeed.zero_stage=0", "train.steps=2", "train.eval_size=4", "hybrid.enabled=false"]
 

@@ -3,13 +3,13 @@ stage-by-stage resume: a second run skips the finished stages."""
 import subprocess
 import sys
 
-from engine.pipeline import DONE
-from engine.tracking import read_jsonl
-from tests.helpers import REPO
+from rlhf_engine.pipeline import DONE
+from rlhf_engine.tracking import read_jsonl
+from helpers import REPO
 
 
 def test_tiny_pipeline_chains_stages_and_skips_done_ones(tmp_path):
-    cmd = [sys.executable, "-m", "engine.cli", "train", "recipes/tiny/pipeline.yaml", f"--set=output_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "rlhf_engine.cli", "train", "recipes/tiny/pipeline.yaml", f"--set=output_dir={tmp_path}"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for name in ("tiny-e2e-sft", "tiny-e2e-rm", "tiny-e2e-ppo"):

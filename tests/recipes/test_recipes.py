@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import derive_batch_sizes, load_recipe
-from engine.pipeline import is_pipeline, load_pipeline
+from rlhf_engine.config import derive_batch_sizes, load_recipe
+from rlhf_engine.pipeline import is_pipeline, load_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml"))
@@ -51,7 +51,7 @@ def test_recipe_validates_with_header(path):
 
 def test_cli_validate_accepts_every_recipe():
     for path in RECIPES:
-        out = subprocess.run([sys.executable, "-m", "engine.cli", "validate", str(path)], cwd=REPO,
+        out = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "validate", str(path)], cwd=REPO,
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert "stage:" in out.stdout

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.checkpoint import CheckpointManager
-from engine.config import LoraConfig, Recipe, derive_batch_sizes
-from engine.distributed import barrier, create_train_engine, ds_config, gather_full_state_dict, init_distributed, \
+from rlhf_engine.checkpoint import CheckpointManager
+from rlhf_engine.config import LoraConfig, Recipe, derive_batch_sizes
+from rlhf_engine.distributed import barrier, create_train_engine, ds_config, gather_full_state_dict, init_distributed, \
     zero_init_context
-from engine.models import load_policy, load_scalar_model, load_tokenizer
-from engine.tracking import Tracker, plot_metrics
+from rlhf_engine.models import load_policy, load_scalar_model, load_tokenizer
+from rlhf_engine.tracking import Tracker, plot_metrics
 
 SEQ = 12
 START = time.time()

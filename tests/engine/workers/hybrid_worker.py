@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from engine.distributed import init_distributed
-from engine.hybrid import HybridEngine, original_linear
+from rlhf_engine.distributed import init_distributed
+from rlhf_engine.hybrid import HybridEngine, original_linear
 
 NEW_TOKENS = 16
 

@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 import transformers.integrations.deepspeed as hf_ds
 
-from engine.config import LoraConfig, ModelConfig
-from engine.distributed import init_distributed
-from engine.models import load_policy, load_scalar_model, load_tokenizer, resolve_model_path
+from rlhf_engine.config import LoraConfig, ModelConfig
+from rlhf_engine.distributed import init_distributed
+from rlhf_engine.models import load_policy, load_scalar_model, load_tokenizer, resolve_model_path
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 4,

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from engine.config import Recipe, derive_batch_sizes
-from engine.distributed import (all_reduce_mean, barrier, broadcast_object, create_frozen_engine,
+from rlhf_engine.config import Recipe, derive_batch_sizes
+from rlhf_engine.distributed import (all_reduce_mean, barrier, broadcast_object, create_frozen_engine,
                                 create_train_engine, ds_config, gather_full_state_dict, init_distributed, is_zero3,
                                 zero_init_context)
 

@@ -1,8 +1,8 @@
 """Benchmark: naive (``*_reference``) vs fused kernels, forward + backward, time and peak memory.
 
-    python -m kernels.bench                      # every case (slow on a small CPU: the big ones take minutes)
-    python -m kernels.bench --quick              # a small subset
-    python -m kernels.bench --cases logits-32000x2048,linear-128256x2048x576 --dtype float32
+    python launch/bench_kernels.py                      # every case (slow on a small CPU: the big ones take minutes)
+    python launch/bench_kernels.py --quick              # a small subset
+    python launch/bench_kernels.py --cases logits-32000x2048,linear-128256x2048x576 --dtype float32
 
 Cases are ``logits-VxN`` (logprobs_from_logits on [N, V] logits) and ``linear-VxNxH``
 (linear_logprobs with hidden [N, H] and weight [V, H]); ``--cases`` takes names or fnmatch patterns.
@@ -92,7 +92,7 @@ def _make(kind, V, N, H, dtype, seed=0):
 
 
 def _step(kind, variant, tensors, labels, upstream):
-    import kernels
+    from rlhf_engine import kernels
 
     if kind == "logits":
         fn = kernels.logprobs_from_logits if variant == "fused" else kernels.logprobs_from_logits_reference
@@ -107,7 +107,7 @@ def _step(kind, variant, tensors, labels, upstream):
 def worker(case: str, variant: str, dtype_name: str, repeat: int, threads: int | None) -> dict:
     import torch
 
-    import kernels
+    from rlhf_engine import kernels
 
     kernels.set_backend("torch")
     if threads:
@@ -150,7 +150,7 @@ def _available_bytes() -> int:
 
 
 def run_case(case, variant, dtype, repeat, threads=None) -> dict:
-    cmd = [sys.executable, "-m", "kernels.bench", "--worker", case, variant,
+    cmd = [sys.executable, "launch/bench_kernels.py", "--worker", case, variant,
            "--dtype", dtype, "--repeat", str(repeat)]
     if threads:
         cmd += ["--threads", str(threads)]
@@ -187,7 +187,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python launch/bench_kernels.py", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     p.add_argument("--cases", default=None, help="comma-separated case names or fnmatch patterns")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))

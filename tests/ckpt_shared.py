@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.helpers import REPO, json_lines, run_deepspeed
+from helpers import REPO, json_lines, run_deepspeed
 
 WORKER = REPO / "tests/engine/workers/ckpt_worker.py"
 RUN_NAME = "ckpt-run"  # the worker recipe's name: the run folder is WORKDIR/ckpt-run

@@ -1,11 +1,13 @@
-"""kernels.bench runs end to end on a tiny case (the real cases are run by hand: see its docstring)."""
+"""launch/bench_kernels.py runs end to end on a tiny case (the real cases are run by hand: see its docstring)."""
 
 import json
 import os
 import subprocess
 import sys
 
-from kernels import bench
+from helpers import load_launch_script
+
+bench = load_launch_script("bench_kernels")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -17,7 +19,7 @@ def test_cases_and_parse():
 
 def test_tiny_run():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "kernels.bench", "--cases", "logits-500x64,linear-300x32x16",
+    out = subprocess.run([sys.executable, "launch/bench_kernels.py", "--cases", "logits-500x64,linear-300x32x16",
                           "--repeat", "1", "--dtype", "float32"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
