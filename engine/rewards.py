@@ -162,7 +162,9 @@ def load_function(spec: str) -> Callable:
             mod_spec.loader.exec_module(module)
         else:
             if "" not in sys.path and str(Path.cwd()) not in sys.path:
-                sys.path.insert(0, str(Path.cwd()))  # 'module:function' next to where the run starts
+                # after site-packages: a module next to the run, never shadowing an installed package (a
+                # checkout's kernels/ folder would shadow Hugging Face's `kernels`)
+                sys.path.append(str(Path.cwd()))
             module = importlib.import_module(module_name)
     except Exception as e:
         raise ValueError(f"reward.function {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); "
