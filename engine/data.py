@@ -250,7 +250,7 @@ def _references(row: Row, cfg: DatasetConfig) -> list[str]:
 def _meta(row: Row, cfg: DatasetConfig) -> Any:
     """The row's meta data (any JSON value), None when absent; an explicitly mapped column must exist."""
     value = row.get(_column(cfg, "meta"))
-    if value is None and "meta" in cfg.fields:
+    if _column(cfg, "meta") not in row and "meta" in cfg.fields:
         raise _bad(row, cfg, "meta", "any value (e.g. an object)", "is missing")
     return value
 
