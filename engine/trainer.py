@@ -307,7 +307,8 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
         if returns is not None:
             metrics["returns/mean"] = _global_mean(kernels.masked_mean(returns, mask, dim=-1))
         metrics.update({f"reward/{k}": _global_mean(v) for k, v in (r.reward_parts or {}).items()})
-        metrics.update({f"reward/{k}": v for k, v in (r.reward_extra or {}).items()})
+        metrics.update({f"reward/{k}": _global_mean(torch.tensor(v, device=dist.device))
+                        for k, v in sorted((r.reward_extra or {}).items())})
         if step % recipe.logging.log_every == 0 or step == tcfg.steps:
             tracker.log_metrics(step, metrics)
         if step % recipe.logging.samples_every == 0:
@@ -464,7 +465,8 @@ def _score(reward_fn, r: Rollout, seq, attn) -> torch.Tensor:
     if isinstance(reward_fn, RewardSet):
         res = reward_fn.score(r.prompts, r.responses, r.references, r.meta, sequences=seq, attention_mask=attn,
                               response_ids=r.response_ids, response_mask=r.response_mask)
-        r.reward_parts, r.reward_extra = res.parts, res.extra
+        r.reward_parts = {k: v.to(seq.device).float() for k, v in res.parts.items()}  # all-reduced with NCCL too
+        r.reward_extra = res.extra
         r.dense_rewards = None if res.dense is None else res.dense.to(seq.device)
         return res.scores.to(seq.device).float()
     if hasattr(reward_fn, "score_tokens"):
