@@ -39,7 +39,7 @@ def test_reference_task_with_metrics_remote_reward_and_test_split(tmp_path):
                f"metric_key: rouge1, dense: true, weight: 0.5}}, {{type: remote, name: judge, url: '{url}', weight: 0.2}}]")
     try:
         run_deepspeed("launch/train.py", RECIPE, f"--set=output_dir={tmp_path}", "--set=name=d2t",
-                      "--set=train.steps=1", f"--set=reward={rewards}")
+                      "--set=train.steps=1", "--set=logging.plots=true", f"--set=reward={rewards}")
     finally:
         server.shutdown()
         server.server_close()
@@ -47,6 +47,7 @@ def test_reference_task_with_metrics_remote_reward_and_test_split(tmp_path):
     metrics = read_jsonl(run / "metrics.jsonl")
     for key in ("reward/rouge", "reward/dense", "reward/judge", "reward/judge/hits", "score/mean"):
         assert key in metrics[0] and math.isfinite(metrics[0][key]), (key, metrics[0])
+    assert (run / "plots" / "reward_parts.png").is_file()  # every reward's curve in one figure
     # the server's labels are the first references of the rows (train and test split)
     firsts = {json.loads(line)["references"][0] for split in ("train", "test")
               for line in (REPO / f"recipes/data/data2text-{split}.jsonl").open()}
