@@ -151,3 +151,22 @@ def test_serve_reward_command(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_reward_model_served_scores_as_in_process():
+    from rlhf_engine.config import ModelConfig
+
+    cfg = RewardConfig(type="model", model=ModelConfig(name_or_path="tiny-bert"), name="rm")
+    reward = build_reward_set([cfg])
+    server = make_server(reward, "127.0.0.1", 0)
+    url = _serve(server)
+    try:
+        prompts, responses = ["Is tea good? ", "Rate this: "], ["Yes, very.", "Bad."]
+        client = RemoteReward(url, FAST)
+        remote = client(prompts, responses)
+        local = reward(prompts, responses)
+        assert remote.tolist() == pytest.approx(local.tolist(), abs=1e-6) and remote[0] != remote[1]
+        assert set(client.last_extra_logs) == {"rm"}  # the served reward's parts come back as extra_logs
+    finally:
+        server.shutdown()
+        server.server_close()
