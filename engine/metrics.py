@@ -47,6 +47,10 @@ class Metric:
                 meta: Optional[list] = None, **context) -> MetricResult:
         raise NotImplementedError
 
+    def sample_keys(self) -> tuple[str, ...]:
+        """The keys of ``per_sample`` (what a metric reward may pick with reward.metric_key)."""
+        return (self.main,)
+
     def check_references(self, references: list[list[str]], n: int) -> None:
         if not self.needs_references:
             return
@@ -82,6 +86,9 @@ class Rouge(Metric):
 
         self.types = list(rouge_types)
         self.scorer = rouge_scorer.RougeScorer(self.types, use_stemmer=use_stemmer)
+
+    def sample_keys(self):
+        return tuple(self.types)
 
     def compute(self, prompts, responses, references, meta=None, **context):
         self.check_references(references, len(responses))
@@ -230,6 +237,9 @@ class BertScore(Metric):
         layers = num_layers or AutoConfig.from_pretrained(path).num_hidden_layers
         self.scorer = BERTScorer(model_type=path, num_layers=layers, batch_size=batch_size, idf=idf)
 
+    def sample_keys(self):
+        return ("precision", "recall", "f1")
+
     def compute(self, prompts, responses, references, meta=None, **context):
         self.check_references(references, len(responses))
         p, r, f = self.scorer.score(list(responses), [list(refs) for refs in references])
@@ -256,6 +266,9 @@ class Diversity(Metric):
 
     def __init__(self, max_n: int = 2):
         self.max_n = max_n
+
+    def sample_keys(self):
+        return ("length", *(f"distinct-{n}" for n in range(1, self.max_n + 1)))
 
     def compute(self, prompts, responses, references=None, meta=None, **context):
         words = [_words(r) for r in responses]

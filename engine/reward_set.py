@@ -36,13 +36,12 @@ class MetricReward(RewardFunction):
         self.metric = get_metric(metric, **kwargs)
         self.key = key or self.metric.main
         self.name = f"metric {metric}"
+        if self.key not in self.metric.sample_keys():
+            raise ValueError(f"reward.metric_key {self.key!r} is not a per-sample value of metric '{metric}'; "
+                             f"it has: {list(self.metric.sample_keys())}")
 
     def _score(self, prompts, responses, references=None, meta=None):
-        result = self.metric.compute(list(prompts), list(responses), references, meta)
-        if self.key not in result.per_sample:
-            raise ValueError(f"reward.metric_key {self.key!r} is not a per-sample value of metric "
-                             f"'{self.metric.name}'; it has: {sorted(result.per_sample)}")
-        return result.per_sample[self.key]
+        return self.metric.compute(list(prompts), list(responses), references, meta).per_sample[self.key]
 
 
 @dataclass

@@ -9,7 +9,7 @@ from rlhf_engine.config import DatasetConfig, ModelConfig, RecipeError, RewardCo
 from rlhf_engine.data import DataError, collate_prompts, load_prompts
 from rlhf_engine.models import load_tokenizer
 from rlhf_engine.reward_set import MetricReward, build_reward_set, dense_rewards
-from rlhf_engine.rewards import RewardError, build_reward
+from rlhf_engine.rewards import build_reward
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,12 @@ def test_weighted_list_logs_each_part(tok):
     assert res.parts["len"].tolist() == [2.0, 6.0]  # scale applies inside the part, weight outside
     assert res.scores.tolist() == [2.0 * 1 - 0.5 * 2, 2.0 * 0 - 0.5 * 6] and res.dense is None
     assert rs(["p"], ["yes"], [["yes"]]).tolist() == [1.0]
-    with pytest.raises(RewardError, match="metric_key .rougeX. is not a per-sample value"):
-        MetricReward("rouge", "rougeX")(["p"], ["a"], [["a"]])
+    with pytest.raises(ValueError, match=r"metric_key 'rougeX' is not a per-sample value of metric 'rouge'; it has"):
+        MetricReward("rouge", "rougeX")
+    for name in ("rouge", "bleu", "chrf", "diversity", "perplexity", "increasing_numbers", "dates", "exact_match"):
+        metric = MetricReward(name).metric  # every declared key is what compute() returns
+        res = metric.compute(["p"], ["1 2 on 2020-01-01"], [["1 2 3"]], ref_logprobs=[[-1.0]])
+        assert set(metric.sample_keys()) == set(res.per_sample), name
 
 
 def test_dense_rewards_sum_to_the_sentence_score(tok):
