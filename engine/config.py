@@ -243,6 +243,10 @@ class EvalSection(Section):
         if g is not None and (g.dtype is not None or g.attn_implementation is not None):
             raise ValueError("eval.generation.dtype / attn_implementation: set them in `generation` (the generation "
                              "engine is shared by rollouts and evaluation)")
+        t = self.test_data
+        if t is not None and (t.eval_fraction > 0 or t.eval_size):
+            raise ValueError("eval.test_data.eval_fraction / eval_size: every row of the test split is evaluated; "
+                             "use limit to evaluate fewer")
         return self
 
     def metric_configs(self) -> list[MetricConfig]:

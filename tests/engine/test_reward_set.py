@@ -104,6 +104,8 @@ reward: %s
     ("{type: length, metric: rouge}", "only read by reward.type 'metric'"),
     ("{type: remote, url: 'http://x', dense: true}", "scores whole responses only"),
     ("[]", "an empty list"),
+    ("{type: length}\neval: {test_data: {path: t.jsonl, eval_size: 2}}", "every row of the test split"),
+    ("{type: length}\neval: {generation: {dtype: bf16}}", "set them in `generation`"),
 ])
 def test_reward_recipe_errors(tmp_path, reward, error):
     (tmp_path / "r.yaml").write_text(RECIPE % reward)
