@@ -268,13 +268,12 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
                     if fused else None)
 
         # ---- 3. shape: penalties, clipping, normalisation, per-token KL --------------------------
-        scores = rl.apply_missing_eos_penalty(r.scores, r.has_eos, ppo.missing_eos_penalty)
+        scores = r.scores if r.dense_rewards is None else r.scores - r.dense_rewards.sum(1)  # dense: per token
+        scores = rl.apply_missing_eos_penalty(scores, r.has_eos, ppo.missing_eos_penalty)
         scores = rl.clip_scores(scores, ppo.score_clip)
         if ppo.normalize_rewards:
             score_stats.update(_all_gather_cat(scores))
             scores = score_stats.normalize(scores)
-        if r.dense_rewards is not None:  # dense rewards enter per token below, not on the last token
-            scores = scores - r.dense_rewards.sum(1)
         rewards, kl = rl.shape_rewards(scores, r.logprobs, r.ref_logprobs, mask, kl_ctl.value, ppo.kl_estimator)
         if r.dense_rewards is not None:
             rewards = rewards + r.dense_rewards * mask
