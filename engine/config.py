@@ -67,9 +67,34 @@ class CriticConfig(Section):
                           "default: all weights, whatever model.lora says.")
 
 
+class RemoteRewardSection(Section):
+    """How a `type: remote` reward talks to its server (OpenRLHF's protocol, see docs/rewards.md)."""
+
+    batch_size: int = Field(64, gt=0, description="Samples per POST request.")
+    max_concurrency: int = Field(4, gt=0, description="Requests in flight at once.")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for one response before retrying.")
+    retries: int = Field(3, ge=0, description="Retries of a failed request (timeout, connection error, HTTP 5xx).")
+    backoff_s: float = Field(0.5, ge=0, description="First retry waits this long; each next retry waits twice as long.")
+
+
 class RewardConfig(Section):
-    type: Literal["model", "callable", "sentiment", "length"] = Field(
-        ..., description="Learned reward model, a Python callable, or a built-in judge.")
+    type: Literal["model", "callable", "sentiment", "length", "remote", "metric"] = Field(
+        ..., description="Learned reward model, a Python callable, a built-in judge, a reward server (remote), "
+                         "or an evaluation metric against the references (metric).")
+    name: Optional[str] = Field(
+        None, description="Name in the logs (metrics key reward/<name>); default: the metric name or the type.")
+    weight: float = Field(1.0, description="Weight of this reward in the sum when `reward` is a list.")
+    metric: Optional[str] = Field(
+        None, description="type metric: registry name (rouge, bleu, chrf, meteor, bertscore, increasing_numbers, "
+                          "dates, ...); reward.kwargs go to the metric.")
+    metric_key: Optional[str] = Field(
+        None, description="type metric: which per-sample value is the reward (e.g. rouge2); default: the metric's main one.")
+    dense: bool = Field(
+        False, description="Give this reward per token: r_t = f(response[:t+1]) - f(response[:t]) with f('') = 0, "
+                           "so the tokens' rewards add up to the sentence score.")
+    url: Optional[str] = Field(None, description="type remote: the reward server's URL (POST, OpenRLHF's protocol).")
+    remote: RemoteRewardSection = Field(default_factory=RemoteRewardSection,
+                                        description="type remote: batching, concurrency, timeout and retries.")
     model: Optional[ModelConfig] = Field(None, description="Reward model (type: model): backbone + scalar head.")
     function: Optional[str] = Field(
         None, description="'module:function' (type: callable) taking (prompts, responses) -> list of floats.")
@@ -85,7 +110,23 @@ class RewardConfig(Section):
             raise ValueError("reward.type 'model' needs reward.model (name_or_path: ...)")
         if self.type == "callable" and not (self.function and ":" in self.function):
             raise ValueError("reward.type 'callable' needs reward.function as 'module:function'")
+        if self.type == "remote" and not (self.url and self.url.startswith(("http://", "https://"))):
+            raise ValueError("reward.type 'remote' needs reward.url: http://host:port/path")
+        if self.type == "metric" and not self.metric:
+            raise ValueError("reward.type 'metric' needs reward.metric (a metric name, e.g. rouge)")
+        if self.type != "metric" and (self.metric or self.metric_key):
+            raise ValueError("reward.metric / reward.metric_key are only read by reward.type 'metric'")
+        if self.type != "remote" and self.url:
+            raise ValueError("reward.url is only read by reward.type 'remote'")
+        if self.dense and self.type in ("model", "remote"):
+            raise ValueError(f"reward.dense: a '{self.type}' reward scores whole responses only (one call per token "
+                             "prefix would be too slow); use dense with callable, built-in or metric rewards")
         return self
+
+    @property
+    def label(self) -> str:
+        """The name this reward is logged under."""
+        return self.name or self.metric or self.type
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +137,8 @@ class DatasetConfig(Section):
     split: str = Field("train", description="`datasets` split to read.")
     fields: dict[str, str] = Field(
         default_factory=dict,
-        description="Map our field names (prompt, response, chosen, rejected, messages, margin) to columns.")
+        description="Map our field names (prompt, response, chosen, rejected, messages, margin, references, meta) "
+                    "to columns.")
     chat_template: bool = Field(True, description="Apply the tokenizer's chat template to plain-text prompts.")
     system_prompt: Optional[str] = Field(None, description="System message added before chat prompts.")
     max_prompt_length: int = Field(256, gt=0, description="Prompt token budget.")
@@ -171,6 +213,44 @@ class GenerationSection(Section):
     attn_implementation: Optional[Literal["sdpa", "eager", "flash_attention_2"]] = Field(
         None, description="Attention kernel while generating (default: the model's). On CPU: train eager, "
         "generate sdpa.")
+
+
+class MetricConfig(Section):
+    name: str = Field(..., description="Metric registry name (rouge, bleu, chrf, meteor, bertscore, diversity, "
+                                       "perplexity, increasing_numbers, dates, ...).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the metric.")
+
+
+class EvalSection(Section):
+    """Evaluation of held-out prompts (data's eval split, every train.eval_every steps and at the end) and of
+    an optional test split (before and after training)."""
+
+    generation: Optional[GenerationSection] = Field(
+        None, description="Sampling for evaluation (e.g. do_sample: false for greedy); default: the rollout's "
+                          "`generation`. dtype / attn_implementation follow `generation`.")
+    metrics: list[Union[str, MetricConfig]] = Field(
+        default_factory=list, description="Metrics of the responses against the references, corpus-level and per "
+                                          "sample, logged to eval.jsonl (names or {name, kwargs}).")
+    test_data: Optional[DatasetConfig] = Field(
+        None, description="Test split (all its rows): generated and scored before and after training.")
+    save_predictions: bool = Field(
+        True, description="Write predictions/<split>-step-<N>.jsonl: prompt, response, references, meta, score and "
+                          "per-sample metrics.")
+
+    @model_validator(mode="after")
+    def _gen_follows(self):
+        g = self.generation
+        if g is not None and (g.dtype is not None or g.attn_implementation is not None):
+            raise ValueError("eval.generation.dtype / attn_implementation: set them in `generation` (the generation "
+                             "engine is shared by rollouts and evaluation)")
+        t = self.test_data
+        if t is not None and (t.eval_fraction > 0 or t.eval_size):
+            raise ValueError("eval.test_data.eval_fraction / eval_size: every row of the test split is evaluated; "
+                             "use limit to evaluate fewer")
+        return self
+
+    def metric_configs(self) -> list[MetricConfig]:
+        return [MetricConfig(name=m) if isinstance(m, str) else m for m in self.metrics]
 
 
 class PPOConfig(Section):
@@ -255,7 +335,9 @@ class Recipe(Section):
     model: ModelConfig = Field(..., description="The trained model (actor for RL).")
     reference: Optional[ModelConfig] = Field(None, description="Reference model; default: a frozen actor copy.")
     critic: CriticConfig = Field(default_factory=CriticConfig, description="PPO critic (value model).")
-    reward: Optional[RewardConfig] = Field(None, description="Reward for RL.")
+    reward: Optional[Union[RewardConfig, list[RewardConfig]]] = Field(
+        None, description="Reward for RL; a list is a weighted sum (each reward logged as reward/<name>).")
+    eval: EvalSection = Field(default_factory=EvalSection, description="RL evaluation: generation, metrics, test split.")
     data: DatasetConfig = Field(..., description="Training data (prompts for RL, pairs for reward, SFT rows).")
     ptx_data: Optional[DatasetConfig] = Field(None, description="SFT rows for the ptx loss.")
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="ZeRO and precision.")
@@ -276,7 +358,22 @@ class Recipe(Section):
             raise ValueError("stage 'rl' needs a reward section")
         if self.ppo.ptx_coef > 0 and self.ptx_data is None:
             raise ValueError("ppo.ptx_coef > 0 needs ptx_data")
+        if isinstance(self.reward, list):
+            if not self.reward:
+                raise ValueError("reward: an empty list; give at least one reward")
+            labels = [r.label for r in self.reward]
+            dup = sorted({n for n in labels if labels.count(n) > 1})
+            if dup:
+                raise ValueError(f"reward: several rewards are named {dup}; give each a distinct reward.name")
+        if any(r.label == "mean" for r in self.reward_configs()):
+            raise ValueError("reward.name 'mean' is taken (metrics key reward/mean is the shaped reward); pick another")
         return self
+
+    def reward_configs(self) -> list[RewardConfig]:
+        """The reward section as a list (one entry for a single reward)."""
+        if self.reward is None:
+            return []
+        return list(self.reward) if isinstance(self.reward, list) else [self.reward]
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,7 +455,7 @@ def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int], o
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in (
             "list[str]", "literal['all-linear']", "ModelConfig", "LoraConfig", "WandbConfig", "DatasetConfig",
-            "RewardConfig"))))
+            "RewardConfig", "list[RewardConfig]", "GenerationSection", "MetricConfig", "str"))))
         key = ".".join(str(p) for p in loc) or "(top level)"
         where = f"--set {key}" if loc in overridden else source
         if loc in lines and loc not in overridden:
@@ -433,7 +530,7 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     except ValidationError as e:
         raise RecipeError(_format_errors(e, str(path), _key_lines(text), touched)) from None
     # data paths are relative to the recipe file, so a recipe runs from any working directory
-    for ds in (recipe.data, recipe.ptx_data):
+    for ds in (recipe.data, recipe.ptx_data, recipe.eval.test_data):
         if ds is not None and not Path(ds.path).is_absolute() and (path.parent / ds.path).exists():
             ds.path = str((path.parent / ds.path).resolve())
     return recipe
