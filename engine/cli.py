@@ -71,7 +71,7 @@ def cmd_export(args) -> int:
     if args.push_to_hub:
         hub_preflight(args.push_to_hub)  # token and endpoint first: fail before any export work
     out = export_run(args.run_dir, args.out, step=args.step, which=args.which, merge_lora=args.merge_lora,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, ema=args.ema)
     print(f"exported {out}")
     if args.push_to_hub:
         print(f"pushed {out} -> {push_to_hub(out, args.push_to_hub, private=args.private, revision=args.revision)}")
@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--which", default=None, help="engine: actor (default), critic, model, or reward (a reward run)")
     p.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into the weights")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--ema", action="store_true", help="export the actor's moving average (runs with ppo.ema_decay)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the folder to this hub repo")
     p.add_argument("--private", action="store_true", help="create the hub repo private")
     p.add_argument("--revision", default=None, help="hub branch to push to (created if missing)")

@@ -149,7 +149,9 @@ class TrainConfig(Section):
     scoring_batch_size: Optional[int] = Field(
         None, gt=0, description="Sequences per no-grad scoring forward on one rank (reference, reward, old "
         "log-probs and values; no activations are kept, so it can exceed micro_batch_size). Default: micro_batch_size.")
-    epochs: int = Field(1, gt=0, description="Passes over the data (supervised) / cap for RL prompt passes.")
+    epochs: Optional[int] = Field(
+        None, gt=0, description="Stop after this many passes over the training rows (RL: prompts), or at train.steps, "
+        "whichever comes first (each pass drops its ragged tail). Default: no cap, train.steps alone.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
     eval_size: int = Field(16, ge=0, description="Held-out prompts scored at each evaluation.")
 
@@ -194,8 +196,11 @@ class PPOConfig(Section):
     normalize_rewards: bool = Field(False, description="Scale scores by a running std.")
     score_clip: Optional[float] = Field(None, gt=0, description="Clip sequence scores to [-c, c].")
     missing_eos_penalty: Optional[float] = Field(None, description="Added to the score of responses with no EOS.")
-    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="Keep an EMA copy of the actor.")
-    ptx_coef: float = Field(0.0, ge=0, description="Weight of the pretraining (SFT) loss mixed into updates.")
+    ema_decay: Optional[float] = Field(
+        None, gt=0, lt=1, description="Keep an exponential moving average of the actor's weights (updated after "
+        "each RL step, checkpointed, evaluated as ema/* in eval.jsonl, exported with `export --ema`).")
+    ptx_coef: float = Field(0.0, ge=0, description="Weight of the language-model loss on ptx_data rows added to "
+                            "every actor update (InstructGPT's PPO-ptx; 0 = off).")
     fuse_scoring: bool = Field(
         True, description="Take the first mini-batch's old log-probs from its own update forward (the policy has not "
                           "moved yet) instead of a scoring pass; with 1 mini-batch the critic's values too.")
@@ -257,7 +262,7 @@ class Recipe(Section):
     critic: CriticConfig = Field(default_factory=CriticConfig, description="PPO critic (value model).")
     reward: Optional[RewardConfig] = Field(None, description="Reward for RL.")
     data: DatasetConfig = Field(..., description="Training data (prompts for RL, pairs for reward, SFT rows).")
-    ptx_data: Optional[DatasetConfig] = Field(None, description="SFT rows for the ptx loss.")
+    ptx_data: Optional[DatasetConfig] = Field(None, description="SFT rows (prompt + response) for ppo.ptx_coef.")
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="ZeRO and precision.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and LR schedule.")
     train: TrainConfig = Field(..., description="Steps and batch sizes.")

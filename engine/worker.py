@@ -24,11 +24,11 @@ def run(recipe: Recipe, resume: str | None = None) -> dict:
     elif recipe.stage == "sft":
         from rlhf_engine.sft import train_sft
 
-        summary = train_sft(recipe, dist)
+        summary = train_sft(recipe, dist, resume=resume)
     elif recipe.stage == "reward":
         from rlhf_engine.reward_model import train_reward_model
 
-        summary = train_reward_model(recipe, dist)
+        summary = train_reward_model(recipe, dist, resume=resume)
     else:
         raise RecipeError(f"stage '{recipe.stage}' is not available yet in this build; use stage: rl")
     if dist.is_main:
