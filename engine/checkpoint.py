@@ -382,7 +382,9 @@ def export_run(run_dir: Path, out_dir: Path, *, step: Optional[int] = None, whic
         from rlhf_engine.ema import load_consolidated
         if name != "actor":
             raise CheckpointError(f"--ema exports the actor's moving average; drop --which {name}")
-        state.update(load_consolidated(ckpt, info["prefix"], getattr(torch, info["dtype"])))
+        averaged = load_consolidated(ckpt, info["prefix"], getattr(torch, info["dtype"]))
+        twins = {state[k].data_ptr(): v for k, v in averaged.items() if k in state}  # tied: lm_head = embed_tokens
+        state = {k: averaged.get(k, twins.get(v.data_ptr(), v)) for k, v in state.items()}
     model = _rebuild(hf_dir, info, state, name)
     adapter_only = info["peft"] and not merge_lora
     if info["peft"] and merge_lora:
