@@ -30,7 +30,10 @@ def cmd_validate(args) -> int:
         for path, _, recipe in stages:
             print(f"# stage {recipe.stage}: {path}\n{recipe_to_yaml(recipe)}", end="")
         return 0
+    from rlhf_engine.inputs import check_inputs
+
     recipe = load_recipe(args.recipe, args.overrides)
+    check_inputs(recipe)  # data files, models and the reward function exist
     if args.world_size:
         sizes = derive_batch_sizes(recipe, args.world_size)
         print(f"# derived batch sizes for {args.world_size} rank(s): {sizes.model_dump()}")
@@ -53,6 +56,10 @@ def cmd_train(args) -> int:
         return run_pipeline(args.recipe, args.overrides, nproc=args.nproc)
     recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before any launcher starts
     if args.nproc > 1:
+        from rlhf_engine.inputs import check_inputs, check_output_dir
+
+        check_output_dir(recipe)
+        check_inputs(recipe)
         derive_batch_sizes(recipe, args.nproc)
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), str(WORKER),
                args.recipe, *[f"--set={o}" for o in args.overrides],

@@ -23,7 +23,7 @@ TrainPrecision = Literal["fp32", "bf16", "fp16", "bf16_autocast"]
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are rejected, values are not coerced silently."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), strict=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ class DeepSpeedSection(Section):
 class OptimConfig(Section):
     lr: float = Field(1e-6, gt=0, description="Peak learning rate (actor / trained model).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.95), strict=False, description="AdamW betas (a YAML list of two).")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
@@ -415,12 +415,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> set[tuple]:
     return touched
 
 
+def read_utf8(path: Union[str, Path]) -> str:
+    """A text file's contents; RecipeError naming the file and line of the first bytes that are not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise RecipeError(f"{path}, line {line}: bytes {raw[e.start:e.end]!r} are not UTF-8 text; save the file "
+                          "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
 def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:
     """Read, override and validate a recipe. Raises RecipeError with a user-facing message."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    text = path.read_text()
+    text = read_utf8(path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

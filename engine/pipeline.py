@@ -51,7 +51,7 @@ def is_pipeline(path) -> bool:
     """True when the YAML file's top level is a `pipeline:` mapping."""
     try:
         data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # load_recipe reports it, naming file and line
         return False
     return isinstance(data, dict) and "pipeline" in data
 
