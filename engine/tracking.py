@@ -45,8 +45,14 @@ class Tracker:
         if wb is not None and wb.mode != "disabled":
             import wandb
 
+            # the run folder keeps its wandb run id: a resumed run continues the same wandb run (a fresh
+            # run starts in an emptied folder, see checkpoint.prepare_run_dir, so it gets a new one)
+            id_file = self.run_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else None
             self._wandb = wandb.init(project=wb.project, name=recipe.name, mode=wb.mode, dir=str(self.run_dir),
-                                     config=recipe.model_dump(mode="json"), reinit=True)
+                                     config=recipe.model_dump(mode="json"), reinit=True, id=run_id,
+                                     resume="allow" if run_id else None)
+            id_file.write_text(self._wandb.id + "\n")
 
     def _append(self, name: str, record: dict) -> None:
         if not self.is_main:
