@@ -33,7 +33,7 @@ def cmd_validate(args) -> int:
     from rlhf_engine.inputs import check_inputs
 
     recipe = load_recipe(args.recipe, args.overrides)
-    check_inputs(recipe)  # data files, models and the reward function exist
+    check_inputs(recipe, outputs_later=True)  # data files, models and the reward function exist
     if args.world_size:
         sizes = derive_batch_sizes(recipe, args.world_size)
         print(f"# derived batch sizes for {args.world_size} rank(s): {sizes.model_dump()}")

@@ -499,8 +499,9 @@ def collate_sft(items: list[dict], pad_id: int, pack: bool = False, max_length: 
     shifts them) with -100 on prompt tokens and padding.
 
     ``pack=True`` concatenates consecutive sequences into rows of at most ``max_length`` tokens (B = rows)
-    and adds "position_ids" [B, L] restarting at 0 for each sequence. The attention mask is all ones inside
-    a row, so only attention kernels that read position_ids (flash_attention_2) keep sequences apart.
+    and adds "position_ids" [B, L] restarting at 0 for each sequence. The attention mask only marks padding:
+    SFT calls the model with the position ids and no attention mask (engine/sft.py), and transformers then
+    builds a block-diagonal causal mask from them, so packed sequences stay apart with any attention kernel.
     """
     if not pack:
         ids, mask = _pad([it["input_ids"] for it in items], pad_id, left=False)

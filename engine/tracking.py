@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -127,7 +126,7 @@ def plot_metrics(run_dir: Path, keys: Optional[list[str]] = None) -> list[Path]:
     if not rows:
         return []
     keys = keys or [k for k in ("score/mean", "reward/mean", "kl/mean", "kl/beta", "loss/policy", "loss/value",
-                                "loss/total", "entropy", "response/length") if any(k in r for r in rows)]
+                                "loss/ptx", "entropy", "response/length") if any(k in r for r in rows)]
     out_dir = run_dir / "plots"
     out_dir.mkdir(exist_ok=True)
     written = []
@@ -166,7 +165,3 @@ def archive_previous_run(run_dir: Path) -> Optional[Path]:
         target, n = run_dir.with_name(f"{run_dir.name}.{stamp}-{n}"), n + 1
     run_dir.rename(target)
     return target
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
