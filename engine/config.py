@@ -9,6 +9,7 @@ for a misspelled key, the closest valid one.
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -321,6 +322,19 @@ def derive_batch_sizes(recipe: Recipe, world_size: int) -> BatchSizes:
 
 # --------------------------------------------------------------------------------------------
 # loading and errors
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-3` (no dot) as a string; recipes read it as the number it means (as YAML 1.2 does),
+    so strict types need no quoting rules."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 class RecipeError(ValueError):
     """A recipe problem, with a message meant for the user (file, key, expectation, fix)."""
 
@@ -392,7 +406,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.steps=10")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise RecipeError(f"--set {key}: value {raw!r} is not valid YAML ({e})") from None
     return key.strip().split("."), value
@@ -433,7 +447,7 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         raise RecipeError(f"recipe file not found: {path}")
     text = read_utf8(path)
     try:
-        data = yaml.safe_load(text)
+        data = _yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
