@@ -181,6 +181,7 @@ def train_supervised(recipe: Recipe, dist: Optional[DistInfo], task: SupervisedT
         before = evaluate(0)
     engine.train()
     rank_rows = sizes.mini_batch_size // dist.world_size
+    metrics: dict = {}  # stays empty when a resumed run has no step left
     t_start = time.perf_counter()
     for step in range(start, total + 1):
         t_step = time.perf_counter()
