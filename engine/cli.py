@@ -30,7 +30,10 @@ def cmd_validate(args) -> int:
         for path, _, recipe in stages:
             print(f"# stage {recipe.stage}: {path}\n{recipe_to_yaml(recipe)}", end="")
         return 0
+    from rlhf_engine.inputs import check_inputs
+
     recipe = load_recipe(args.recipe, args.overrides)
+    check_inputs(recipe, outputs_later=True)  # data files, models and the reward function exist
     if args.world_size:
         sizes = derive_batch_sizes(recipe, args.world_size)
         print(f"# derived batch sizes for {args.world_size} rank(s): {sizes.model_dump()}")
@@ -53,6 +56,10 @@ def cmd_train(args) -> int:
         return run_pipeline(args.recipe, args.overrides, nproc=args.nproc)
     recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before any launcher starts
     if args.nproc > 1:
+        from rlhf_engine.inputs import check_inputs, check_output_dir
+
+        check_output_dir(recipe)
+        check_inputs(recipe)
         derive_batch_sizes(recipe, args.nproc)
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), str(WORKER),
                args.recipe, *[f"--set={o}" for o in args.overrides],
@@ -71,7 +78,7 @@ def cmd_export(args) -> int:
     if args.push_to_hub:
         hub_preflight(args.push_to_hub)  # token and endpoint first: fail before any export work
     out = export_run(args.run_dir, args.out, step=args.step, which=args.which, merge_lora=args.merge_lora,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, ema=args.ema)
     print(f"exported {out}")
     if args.push_to_hub:
         print(f"pushed {out} -> {push_to_hub(out, args.push_to_hub, private=args.private, revision=args.revision)}")
@@ -144,6 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--which", default=None, help="engine: actor (default), critic, model, or reward (a reward run)")
     p.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into the weights")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--ema", action="store_true", help="export the actor's moving average (runs with ppo.ema_decay)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the folder to this hub repo")
     p.add_argument("--private", action="store_true", help="create the hub repo private")
     p.add_argument("--revision", default=None, help="hub branch to push to (created if missing)")

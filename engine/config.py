@@ -9,6 +9,7 @@ for a misspelled key, the closest valid one.
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -23,7 +24,7 @@ TrainPrecision = Literal["fp32", "bf16", "fp16", "bf16_autocast"]
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are rejected, values are not coerced silently."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), strict=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ class DeepSpeedSection(Section):
 class OptimConfig(Section):
     lr: float = Field(1e-6, gt=0, description="Peak learning rate (actor / trained model).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.95), strict=False, description="AdamW betas (a YAML list of two).")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
@@ -191,7 +192,9 @@ class TrainConfig(Section):
     scoring_batch_size: Optional[int] = Field(
         None, gt=0, description="Sequences per no-grad scoring forward on one rank (reference, reward, old "
         "log-probs and values; no activations are kept, so it can exceed micro_batch_size). Default: micro_batch_size.")
-    epochs: int = Field(1, gt=0, description="Passes over the data (supervised) / cap for RL prompt passes.")
+    epochs: Optional[int] = Field(
+        None, gt=0, description="Stop after this many passes over the training rows (RL: prompts), or at train.steps, "
+        "whichever comes first (each pass drops its ragged tail). Default: no cap, train.steps alone.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
     eval_size: int = Field(16, ge=0, description="Held-out prompts scored at each evaluation.")
 
@@ -274,8 +277,11 @@ class PPOConfig(Section):
     normalize_rewards: bool = Field(False, description="Scale scores by a running std.")
     score_clip: Optional[float] = Field(None, gt=0, description="Clip sequence scores to [-c, c].")
     missing_eos_penalty: Optional[float] = Field(None, description="Added to the score of responses with no EOS.")
-    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="Keep an EMA copy of the actor.")
-    ptx_coef: float = Field(0.0, ge=0, description="Weight of the pretraining (SFT) loss mixed into updates.")
+    ema_decay: Optional[float] = Field(
+        None, gt=0, lt=1, description="Keep an exponential moving average of the actor's weights (updated after "
+        "each RL step, checkpointed, evaluated as ema/* in eval.jsonl, exported with `export --ema`).")
+    ptx_coef: float = Field(0.0, ge=0, description="Weight of the language-model loss on ptx_data rows added to "
+                            "every actor update (InstructGPT's PPO-ptx; 0 = off).")
     fuse_scoring: bool = Field(
         True, description="Take the first mini-batch's old log-probs from its own update forward (the policy has not "
                           "moved yet) instead of a scoring pass; with 1 mini-batch the critic's values too.")
@@ -339,7 +345,7 @@ class Recipe(Section):
         None, description="Reward for RL; a list is a weighted sum (each reward logged as reward/<name>).")
     eval: EvalSection = Field(default_factory=EvalSection, description="RL evaluation: generation, metrics, test split.")
     data: DatasetConfig = Field(..., description="Training data (prompts for RL, pairs for reward, SFT rows).")
-    ptx_data: Optional[DatasetConfig] = Field(None, description="SFT rows for the ptx loss.")
+    ptx_data: Optional[DatasetConfig] = Field(None, description="SFT rows (prompt + response) for ppo.ptx_coef.")
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="ZeRO and precision.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and LR schedule.")
     train: TrainConfig = Field(..., description="Steps and batch sizes.")
@@ -413,6 +419,19 @@ def derive_batch_sizes(recipe: Recipe, world_size: int) -> BatchSizes:
 
 # --------------------------------------------------------------------------------------------
 # loading and errors
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-3` (no dot) as a string; recipes read it as the number it means (as YAML 1.2 does),
+    so strict types need no quoting rules."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 class RecipeError(ValueError):
     """A recipe problem, with a message meant for the user (file, key, expectation, fix)."""
 
@@ -484,7 +503,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.steps=10")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise RecipeError(f"--set {key}: value {raw!r} is not valid YAML ({e})") from None
     return key.strip().split("."), value
@@ -507,14 +526,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> set[tuple]:
     return touched
 
 
+def read_utf8(path: Union[str, Path]) -> str:
+    """A text file's contents; RecipeError naming the file and line of the first bytes that are not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise RecipeError(f"{path}, line {line}: bytes {raw[e.start:e.end]!r} are not UTF-8 text; save the file "
+                          "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
 def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:
     """Read, override and validate a recipe. Raises RecipeError with a user-facing message."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    text = path.read_text()
+    text = read_utf8(path)
     try:
-        data = yaml.safe_load(text)
+        data = _yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""

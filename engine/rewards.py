@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from rlhf_engine.config import RewardConfig
+from rlhf_engine.config import RecipeError, RewardConfig
 
 SAMPLE_CHARS = 200  # how much of a prompt / response an error message shows
 
@@ -103,7 +103,7 @@ class RewardFunction:
 def _no_kwargs(name: str, kwargs: dict, allowed: tuple = ()) -> None:
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise ValueError(f"reward.kwargs {unknown} are not used by reward.type '{name}'; "
+        raise RecipeError(f"reward.kwargs {unknown} are not used by reward.type '{name}'; "
                          f"allowed: {list(allowed) or 'none'}")
 
 
@@ -160,7 +160,7 @@ def load_function(spec: str) -> Callable:
     """'package.module:function' (importable from the working dir / PYTHONPATH) or 'path/to/file.py:function'."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward.function {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
+        raise RecipeError(f"reward.function {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
     try:
         if module_name.endswith(".py") or "/" in module_name:
             path = Path(module_name).expanduser().resolve()
@@ -176,13 +176,13 @@ def load_function(spec: str) -> Callable:
                 sys.path.append(str(Path.cwd()))
             module = importlib.import_module(module_name)
     except Exception as e:
-        raise ValueError(f"reward.function {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); "
+        raise RecipeError(f"reward.function {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); "
                          "give a module importable from the working directory or PYTHONPATH, or a file "
                          "path like path/to/file.py:function") from e
     fn = getattr(module, attr, None)
     if not callable(fn):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        raise ValueError(f"reward.function {spec!r}: {module_name!r} has no function {attr!r}; "
+        raise RecipeError(f"reward.function {spec!r}: {module_name!r} has no function {attr!r}; "
                          f"callables there: {', '.join(names) or 'none'}")
     return fn
 

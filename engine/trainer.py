@@ -17,18 +17,20 @@ import torch
 
 from rlhf_engine import kernels
 from rlhf_engine import rl
-from rlhf_engine.checkpoint import CheckpointManager
+from rlhf_engine.checkpoint import CheckpointManager, prepare_run_dir
 from rlhf_engine.config import Recipe, derive_batch_sizes
 from rlhf_engine.data import collate_prompts, load_prompts
 from rlhf_engine.distributed import (DistInfo, barrier, create_frozen_engine, create_train_engine,
                                 ds_config, init_distributed, unwrap, zero_init_context)
+from rlhf_engine.ema import EmaActor, evaluate_ema
 from rlhf_engine.hybrid import HybridEngine
 from rlhf_engine.models import dtype_of, load_policy, load_scalar_model, load_tokenizer
 from rlhf_engine.evaluation import Evaluator
+from rlhf_engine.ptx import PtxMixer
 from rlhf_engine.reward_set import RewardSet, build_recipe_reward
 from rlhf_engine.rewards import check_scores
 from rlhf_engine.rollout import Rollout, forward_logprobs, forward_values, generate, micro_batched
-from rlhf_engine.tracking import Tracker, archive_previous_run, plot_metrics, run_dir_for
+from rlhf_engine.tracking import Tracker, plot_metrics, run_dir_for
 
 
 class PromptSampler:
@@ -132,18 +134,14 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
     ppo, gen, tcfg = recipe.ppo, recipe.generation, recipe.train
     torch.manual_seed(recipe.seed)  # identical initialisation on every rank
     run_dir = run_dir_for(recipe)
-    if dist.is_main and not resume:
-        moved = archive_previous_run(run_dir)
-        if moved:
-            print(f"[run] an earlier run in {run_dir} was moved to {moved}", flush=True)
-    barrier()
-    tracker = Tracker(recipe, run_dir, is_main=dist.is_main, total_steps=tcfg.steps)
 
     # ---- build: tokenizer, data, models, reward, KL controller ---------------------------------
     tokenizer = load_tokenizer(recipe.model, recipe.cache_dir)
     train_ds, eval_ds, report = load_prompts(recipe.data, tokenizer, recipe.seed)
     if dist.is_main:
         print(f"[data] {recipe.data.path}: {report}", flush=True)
+    tcfg = _steps_capped_by_epochs(tcfg, len(train_ds), dist.is_main)
+    ptx = PtxMixer(recipe, tokenizer, dist, sizes) if ppo.ptx_coef > 0 else None
     updates_per_step = ppo.ppo_epochs * sizes.num_mini_batches
     models = build_models(recipe, sizes, dist, total_updates=tcfg.steps * updates_per_step)
     reward_fn = build_recipe_reward(recipe, policy_tokenizer=tokenizer, device=dist.device)
@@ -152,6 +150,9 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
         if dist.is_main:
             print("[models] the reward model's backbone is the reference's (same checkpoint, equal weights): "
                   "one frozen forward scores both", flush=True)
+    ema = EmaActor(models.actor, ppo.ema_decay) if ppo.ema_decay else None
+    resume_from = prepare_run_dir(run_dir, resume, is_main=dist.is_main)  # inputs are checked: now touch the run
+    tracker = Tracker(recipe, run_dir, is_main=dist.is_main, total_steps=tcfg.steps)
     kl_ctl = rl.make_kl_controller(ppo)
     score_stats = rl.RunningMoments()
     sampler = PromptSampler(len(train_ds), tcfg.rollout_batch_size, recipe.seed)
@@ -212,6 +213,11 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
                 ref_lp = micro_batched(lambda s, a: forward_logprobs(models.reference, s, a, r.response_ids.shape[1]),
                                        tcfg.scoring_batch_size or sizes.micro_batch_size, r.sequences, r.attention_mask)
         out.update(evaluator(step, split, [item["raw"] for item in items], r, r.reward_parts, ref_lp))
+        if split == "eval":
+            out.update(ptx.evaluate(models.actor) if ptx is not None else {})
+            if ema is not None:
+                out.update(evaluate_ema(ema, lambda: make_rollout(items, with_values=False,
+                                                                  sampling=recipe.eval.generation)[0], recipe.seed))
         tracker.log_eval(step, out if split == "eval" else {"split": split, **out})
         tracker.log_samples(step, r.prompts[:n], r.responses[:n], r.scores[:n].tolist(), tag=split)
         raw = [item["raw"] for item in items[:3]]
@@ -221,9 +227,12 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
     ckpt = CheckpointManager(run_dir, recipe.checkpoint.keep_last, is_main=dist.is_main, tokenizer=tokenizer)
     engines = {"actor": models.actor, **({"critic": models.critic} if models.critic is not None else {})}
     start, before = 1, None
-    resume_from = ckpt.resolve(resume) if resume else None
     if resume_from is not None:  # restores weights, optimizers, LR schedules and this rank's RNG
         state = ckpt.load(resume_from, engines)
+        if ema is not None:
+            ema.load(resume_from)
+        if ptx is not None:
+            ptx.load_state_dict(state["ptx"])
         start, before = state["step"] + 1, state["before"]
         sampler.load_state_dict(state["sampler"])
         kl_ctl.load_state_dict(state["kl_controller"])
@@ -240,7 +249,9 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
 
     def save(step: int) -> None:
         ckpt.save(step, engines, {"sampler": sampler.state_dict(), "kl_controller": kl_ctl.state_dict(),
-                                  "score_stats": score_stats.state_dict(), "before": before})
+                                  "score_stats": score_stats.state_dict(), "before": before,
+                                  **({"ptx": ptx.state_dict()} if ptx is not None else {})},
+                  write_rank_files=ema.save if ema is not None else None)
 
     # fused scoring: the first mini-batch of the first epoch is updated by a policy that has not
     # moved yet, so its own forward's log-probs ARE the rollout's: those rows skip the actor's
@@ -285,8 +296,10 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
 
         # ---- 5. update: epochs x mini-batches x micro-batches -------------------------------------
         t_train = time.perf_counter()
-        stats = _update(models, r, advantages, returns, sizes, recipe, orders, forwards)
+        stats = _update(models, r, advantages, returns, sizes, recipe, orders, forwards, ptx)
         times["train"] = time.perf_counter() - t_train
+        if ema is not None:
+            ema.update()
 
         # ---- 6. KL controller, log, evaluate --------------------------------------------------------
         seq_kl = _global_mean((kl * mask).sum(1))
@@ -335,6 +348,18 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
     return summary
 
 
+def _steps_capped_by_epochs(tcfg, num_prompts: int, is_main: bool):
+    """train.epochs caps the RL steps at that many passes over the training prompts (each pass drops
+    its ragged tail); returns the train section with the steps the run will make."""
+    per_epoch = num_prompts // tcfg.rollout_batch_size
+    if not tcfg.epochs or tcfg.steps <= tcfg.epochs * per_epoch:
+        return tcfg
+    if is_main:
+        print(f"[train] {tcfg.epochs * per_epoch} RL steps: train.steps={tcfg.steps} capped by train.epochs="
+              f"{tcfg.epochs} x {per_epoch} steps per pass over {num_prompts} prompts", flush=True)
+    return tcfg.model_copy(update={"steps": tcfg.epochs * per_epoch})
+
+
 def _score_rows(forward, rows: torch.Tensor, micro: int, seq: torch.Tensor, attn: torch.Tensor,
                 rmask: torch.Tensor) -> torch.Tensor:
     """Per-token outputs [B, R] of `forward(seq, attn)` for `rows` in micro-batches, masked; 0 at other rows."""
@@ -378,12 +403,12 @@ def _forward_with_grad(models: Models, r: Rollout, rows: torch.Tensor, sizes, te
 
 
 def _update(models: Models, r: Rollout, advantages, returns, sizes, recipe: Recipe, orders: list,
-            forwards: Optional[list] = None) -> dict:
+            forwards: Optional[list] = None, ptx: Optional[PtxMixer] = None) -> dict:
     """PPO epochs x mini-batches; each micro-batch loss is weighted so that accumulation is exact.
 
     `orders`: each epoch's row order (`_epoch_orders`); mini-batches are its consecutive slices.
     `forwards` (fused scoring) supplies the first mini-batch's forward outputs, already computed
-    by `_forward_with_grad`.
+    by `_forward_with_grad`. `ptx` (ppo.ptx_coef > 0) adds one PTX micro-batch's loss to each actor micro-batch.
 
     DeepSpeed divides every micro-batch loss by the accumulation steps; weighting each micro-batch
     by (its tokens / the local mini-batch's tokens) x accumulation steps makes the accumulated
@@ -416,6 +441,8 @@ def _update(models: Models, r: Rollout, advantages, returns, sizes, recipe: Reci
                 if ppo.entropy_coef > 0:
                     loss = loss + rl.entropy_bonus(entropy, mask[micro], ppo.entropy_coef)
                 actor.backward(loss * weight)
+                if ptx is not None:
+                    _accumulate(agg, {"loss/ptx": ptx.backward(actor)})
                 actor.step()
                 _accumulate(agg, {"loss/policy": pg_loss.detach(), "policy/clipfrac": pg_stats["clipfrac"],
                                   "policy/approx_kl": pg_stats["approx_kl"],
