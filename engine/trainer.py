@@ -144,7 +144,7 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
     updates_per_step = ppo.ppo_epochs * sizes.num_mini_batches
     models = build_models(recipe, sizes, dist, total_updates=tcfg.steps * updates_per_step)
     reward_fn = build_reward(recipe.reward, policy_tokenizer=tokenizer, cache_dir=recipe.cache_dir,
-                             device=dist.device)
+                             device=dist.device, frozen=(recipe, sizes))
     if (recipe.reward.share_reference_backbone and hasattr(reward_fn, "share_backbone")
             and reward_fn.share_backbone(unwrap(models.reference))):
         if dist.is_main:
