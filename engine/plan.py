@@ -106,9 +106,9 @@ def meta_model(config, scalar: bool = False) -> torch.nn.Module:
 
 
 @lru_cache(maxsize=32)
-def model_shape(source: str) -> Shape:
+def model_shape(source: str, scalar: bool = False) -> Shape:
     config = load_config(source)
-    model = meta_model(config)
+    model = meta_model(config, scalar)
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
     layers = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
     layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
@@ -210,7 +210,7 @@ def plan_recipe(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1, gpu_memo
 
     everywhere = tuple(phases)
     for role, (cfg, trainable, scalar) in _roles(recipe).items():
-        shape = model_shape(config_source(cfg, aliases))
+        shape = model_shape(config_source(cfg, aliases), scalar)
         stage = stages[trainable]
         n = shape.params
         nt = (lora_params(shape, cfg.lora) + (shape.hidden if scalar else 0)) if trainable and cfg.lora else \
@@ -335,7 +335,8 @@ def _variant(recipe: Recipe, option: str, world: int) -> Optional[Recipe]:
 FIX_KEYS = {"micro_batch_size": "train.micro_batch_size", "gradient_checkpointing": "model.gradient_checkpointing",
             "layers_per_group": "hybrid.layers_per_group", "generation_batch_size": "train.generation_batch_size",
             "zero_stage": "deepspeed.zero_stage", "offload_optimizer": "deepspeed.offload_optimizer",
-            "lora": "model.lora", "offload_params": "deepspeed.offload_params"}
+            "lora": "model.lora", "offload_params": "deepspeed.offload_params", "critic_lora": "critic.lora",
+            "critic_checkpointing": "critic.gradient_checkpointing"}
 
 
 def _describe(before: Recipe, after: Recipe) -> list[str]:
@@ -345,7 +346,7 @@ def _describe(before: Recipe, after: Recipe) -> list[str]:
         section, name = key.split(".")
         if a[section][name] != b[section][name]:
             value = b[section][name]
-            out.append(f"{key}={'{r: 16}' if name == 'lora' else json.dumps(value)}")
+            out.append(f"{key}={'{r: 16, alpha: 32}' if name == 'lora' else json.dumps(value)}")
     return out
 
 
@@ -414,7 +415,8 @@ def render(plan: Plan) -> str:
 
 def header_lines(plan: Plan) -> list[str]:
     """The memory lines a recipes/gpu header carries (tests/recipes/test_plan.py keeps them equal)."""
-    out = [f"#   {phase}: {gib(sum(parts.values()))}" + (" (peak)" if phase == plan.peak_phase else "")
+    out = [f"#   {phase}: {gib(sum(parts.values()))}" + (" (peak)" if phase == plan.peak_phase else "") + ": "
+           + ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items() if v >= 0.05 * GIB)
            for phase, parts in plan.phases.items()]
     out.append(f"#   host memory per node: {gib(plan.host_bytes_per_node)}")
     return out
