@@ -244,7 +244,9 @@ def plan_recipe(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1, gpu_memo
             host += opt * gpus_per_node
         else:
             add(everywhere, "optimizer", opt)
-        add(("train",), "gradients", nt * bw / (world if stage >= 2 else 1))
+        # ZeRO-3 keeps its gradient partitions allocated; below it the engine frees .grad after each
+        # step (set_to_none), so only the model being updated holds gradients
+        add(("train",), "gradients", nt * bw / (world if stage >= 2 else 1), None if stage == 3 else role)
         if stage >= 1:
             add(("train",), "zero_buckets", min(nt, ZERO_BUCKET) * bw, role)
         fused = recipe.stage == "rl" and recipe.ppo.fuse_scoring and (

@@ -280,6 +280,8 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
             **stats, **{f"time/{k}": v for k, v in times.items()}, "time/step": step_s,
             "tokens_per_s": n_tokens / step_s,
             "memory/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **({"memory/peak_device_mib": torch.cuda.max_memory_allocated() / 2 ** 20}
+               if torch.cuda.is_available() else {}),  # compared with the planner (launch/bench_memory.py)
         }
         if returns is not None:
             metrics["returns/mean"] = _global_mean(kernels.masked_mean(returns, mask, dim=-1))
