@@ -102,6 +102,9 @@ def _memory_check(args, recipe) -> int:
 def cmd_train(args) -> int:
     from rlhf_engine.pipeline import is_pipeline, run_pipeline
 
+    if is_pipeline(args.recipe) and args.dry_run:
+        raise RecipeError(f"{args.recipe} is a pipeline: --dry-run takes one stage's recipe (later stages read "
+                          "models the earlier ones have not written yet)")
     if is_pipeline(args.recipe):
         return run_pipeline(args.recipe, args.overrides, nproc=args.nproc)
     recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before any launcher starts
