@@ -1,4 +1,4 @@
-"""`rlhf-engine` command line: train, validate, plan, export, presets.
+"""`rlhf-engine` command line: train, validate, plan, export, presets, serve-reward.
 
 Thin on purpose: every command parses a recipe (or a run folder) and calls one library function.
 Settings live in the recipe, not in flags: `--set a.b.c=value` overrides any recipe key.
@@ -37,7 +37,10 @@ def cmd_validate(args) -> int:
         for path, _, recipe in stages:
             print(f"# stage {recipe.stage}: {path}\n{recipe_to_yaml(recipe)}", end="")
         return 0
+    from rlhf_engine.inputs import check_inputs
+
     recipe = load_recipe(args.recipe, args.overrides)
+    check_inputs(recipe, outputs_later=True)  # data files, models and the reward function exist
     if args.world_size:
         sizes = derive_batch_sizes(recipe, args.world_size)
         print(f"# derived batch sizes for {args.world_size} rank(s): {sizes.model_dump()}")
@@ -116,6 +119,10 @@ def cmd_train(args) -> int:
     if _memory_check(args, recipe):
         return 2
     if args.nproc > 1:
+        from rlhf_engine.inputs import check_inputs, check_output_dir
+
+        check_output_dir(recipe)
+        check_inputs(recipe)
         derive_batch_sizes(recipe, args.nproc)
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), str(WORKER),
                args.recipe, *[f"--set={o}" for o in args.overrides],
@@ -134,10 +141,53 @@ def cmd_export(args) -> int:
     if args.push_to_hub:
         hub_preflight(args.push_to_hub)  # token and endpoint first: fail before any export work
     out = export_run(args.run_dir, args.out, step=args.step, which=args.which, merge_lora=args.merge_lora,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, ema=args.ema)
     print(f"exported {out}")
     if args.push_to_hub:
         print(f"pushed {out} -> {push_to_hub(out, args.push_to_hub, private=args.private, revision=args.revision)}")
+    return 0
+
+
+def load_reward_section(path: str, overrides: list[str]):
+    """The reward(s) of a recipe, or of a YAML file holding only a `reward:` section -> (configs, cache_dir)."""
+    import yaml
+    from pydantic import TypeAdapter, ValidationError
+
+    from rlhf_engine.config import RewardConfig, apply_overrides
+
+    if not Path(path).is_file():
+        raise RecipeError(f"reward config file not found: {path}")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if isinstance(data, dict) and "stage" in data:
+        recipe = load_recipe(path, overrides)
+        if not recipe.reward_configs():
+            raise RecipeError(f"{path}: the recipe has no reward section to serve")
+        return recipe.reward_configs(), recipe.cache_dir
+    if not (isinstance(data, dict) and set(data) <= {"reward", "cache_dir"} and "reward" in data):
+        raise RecipeError(f"{path}: expected a recipe or a file with a top-level `reward:` section (one reward or a list)")
+    apply_overrides(data, overrides)
+    try:
+        section = TypeAdapter(RewardConfig | list[RewardConfig]).validate_python(data["reward"])
+    except ValidationError as e:
+        raise RecipeError(f"{path}: bad reward section:\n{e}") from None
+    return (section if isinstance(section, list) else [section]), data.get("cache_dir")
+
+
+def cmd_serve_reward(args) -> int:
+    from rlhf_engine.remote_reward import make_server
+    from rlhf_engine.reward_set import build_reward_set
+
+    configs, cache_dir = load_reward_section(args.config, args.overrides)
+    reward = build_reward_set(configs, cache_dir=cache_dir)
+    server = make_server(reward, args.host, args.port)
+    names = ", ".join(f"{c.label} (x{c.weight:g})" for c in configs)
+    print(f"[serve-reward] {names} on http://{args.host}:{server.server_address[1]}/ (OpenRLHF protocol)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 
@@ -182,10 +232,19 @@ def main(argv=None) -> int:
     p.add_argument("--which", default=None, help="engine: actor (default), critic, model, or reward (a reward run)")
     p.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into the weights")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--ema", action="store_true", help="export the actor's moving average (runs with ppo.ema_decay)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the folder to this hub repo")
     p.add_argument("--private", action="store_true", help="create the hub repo private")
     p.add_argument("--revision", default=None, help="hub branch to push to (created if missing)")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("serve-reward", help="serve a recipe's reward(s) over HTTP (OpenRLHF's remote reward protocol)")
+    p.add_argument("config", help="a recipe, or a YAML file with only a `reward:` section (one reward or a list)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key, e.g. --set reward.scale=2 (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
+    p.add_argument("--port", type=int, default=5000, help="port (0 picks a free one)")
+    p.set_defaults(fn=cmd_serve_reward)
 
     p = sub.add_parser("presets", help="list the named model presets")
     p.set_defaults(fn=cmd_presets)

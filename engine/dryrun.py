@@ -35,7 +35,7 @@ def meta_build(cfg: ModelConfig, scalar: bool, trainable: bool, aliases: Optiona
 
 def _notes(recipe: Recipe) -> list[str]:
     notes = []
-    cfgs = [recipe.model, recipe.reference, recipe.reward.model if recipe.reward else None]
+    cfgs = [recipe.model, recipe.reference, *(r.model for r in recipe.reward_configs())]
     if any(c is not None and c.attn_implementation == "flash_attention_2" for c in cfgs):
         if not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
             notes.append("attn_implementation flash_attention_2 needs CUDA and flash-attn (not on this machine)")

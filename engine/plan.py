@@ -162,8 +162,9 @@ def _roles(recipe: Recipe) -> dict:
     if rl.needs_critic(recipe.ppo.algorithm):
         critic = critic_model_config(recipe)
         roles["critic"] = (critic.model_copy(update={"dtype": recipe.critic.dtype or critic.dtype}), True, True)
-    if recipe.reward.type == "model" and not _shares_reference(recipe):
-        roles["reward"] = (recipe.reward.model, False, True)
+    models = [r.model for r in recipe.reward_configs() if r.type == "model"]
+    for i, model in enumerate([] if _shares_reference(recipe) else models):
+        roles["reward" if len(models) == 1 else f"reward{i + 1}"] = (model, False, True)
     return roles
 
 
@@ -172,9 +173,9 @@ def _shares_reference(recipe: Recipe) -> bool:
     frozen models replicated (stage 0)."""
     from rlhf_engine.distributed import frozen_stage
 
-    ref = recipe.reference or recipe.model
-    return (recipe.reward.share_reference_backbone and frozen_stage(recipe) == 0
-            and recipe.reward.model.name_or_path == ref.name_or_path)
+    ref, reward = recipe.reference or recipe.model, recipe.reward
+    return (not isinstance(reward, list) and reward.type == "model" and reward.share_reference_backbone
+            and frozen_stage(recipe) == 0 and reward.model.name_or_path == ref.name_or_path)
 
 
 def plan_recipe(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1, gpu_memory_gib: Optional[float] = None,

@@ -6,6 +6,7 @@ Shapes (B = local sequences, P = padded prompt length, R = padded response lengt
     logprobs / ref_logprobs       [B, R]  float32, log pi(token_t | prefix) at temperature T
     values                        [B, R]  float32, critic value of the state before token_t
     scores                        [B]     float32, sequence reward
+    dense_rewards                 [B, R]  float32, per-token rewards of `dense` rewards (None without any)
 Every per-token tensor is aligned with `response_ids`; positions where response_mask == 0 hold 0.
 """
 from __future__ import annotations
@@ -32,6 +33,11 @@ class Rollout:
     ref_logprobs: Optional[torch.Tensor] = None  # [B, R]
     values: Optional[torch.Tensor] = None  # [B, R]
     scores: Optional[torch.Tensor] = None  # [B]
+    references: Optional[list] = None  # [B] list[str] each: the dataset row's reference texts (may be empty)
+    meta: Optional[list] = None  # [B] the dataset row's meta value (any JSON value or None)
+    dense_rewards: Optional[torch.Tensor] = None  # [B, R] per-token rewards of dense rewards (added when shaping)
+    reward_parts: Optional[dict] = None  # {reward name: [B]} each reward's own value (a list of rewards)
+    reward_extra: Optional[dict] = None  # {name/key: float} batch means of reward servers' extra_logs
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -50,6 +56,8 @@ class Rollout:
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
                 out[f.name] = v[idx]
+            elif isinstance(v, dict) and f.name == "reward_parts":
+                out[f.name] = {k: t[idx] for k, t in v.items()}
             elif isinstance(v, list):
                 ids = idx.tolist() if isinstance(idx, torch.Tensor) else list(range(len(v)))[idx]
                 out[f.name] = [v[i] for i in ids]

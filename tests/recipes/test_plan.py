@@ -98,7 +98,7 @@ def test_train_dry_run_every_gpu_recipe(path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     recipe = load_recipe(path)
-    roles = ["actor", "reference", "critic"] + (["reward"] if recipe.reward.type == "model" else [])
+    roles = ["actor", "reference", "critic"] + (["reward"] if recipe.reward_configs()[0].type == "model" else [])
     for role in roles:
         assert re.search(rf"model {role}: \w+ on meta, [\d,]+ params", out), (role, out)
     assert "deepspeed (trained): stage" in out and "data: 230 rows" in out and "<- peak" in out
