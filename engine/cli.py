@@ -1,4 +1,4 @@
-"""`rlhf-engine` command line: train, validate, export, presets, serve-reward.
+"""`rlhf-engine` command line: train, validate, plan, export, presets, serve-reward.
 
 Thin on purpose: every command parses a recipe (or a run folder) and calls one library function.
 Settings live in the recipe, not in flags: `--set a.b.c=value` overrides any recipe key.
@@ -6,6 +6,7 @@ Settings live in the recipe, not in flags: `--set a.b.c=value` overrides any rec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -20,6 +21,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set train.steps=10 (repeatable)")
+
+
+def _add_model_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-config", action="append", default=[], metavar="NAME=SOURCE",
+                   help="plan a model path that does not exist yet (e.g. a reward model still to be trained) with the "
+                        "config of SOURCE (hub id, folder or config.json); repeatable")
 
 
 def cmd_validate(args) -> int:
@@ -49,12 +56,68 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def _aliases(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise RecipeError(f"--model-config {item!r}: expected NAME_OR_PATH=HUB_ID_FOLDER_OR_CONFIG_JSON")
+        out[name] = source
+    return out
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from rlhf_engine.plan import plan_recipe, render
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    with contextlib.redirect_stdout(sys.stderr):  # library chatter (DeepSpeed's accelerator line) off the JSON
+        plan = plan_recipe(recipe, args.gpus_per_node, args.nodes, args.gpu_memory, args.host_memory,
+                           _aliases(args.model_config), name=args.recipe)
+    print(json.dumps(plan.to_json(), indent=1) if args.json else render(plan))
+    return 0
+
+
+def _memory_check(args, recipe) -> int:
+    """On a GPU: plan the run for this device first; exit code 2 when it does not fit (0 when it does)."""
+    import torch
+
+    if args.no_memory_check or not torch.cuda.is_available():
+        return 0
+    from rlhf_engine.plan import GIB, plan_recipe, render
+
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+    try:
+        plan = plan_recipe(recipe, args.nproc, args.nodes, gpu_gib, aliases=_aliases(args.model_config))
+    except RecipeError as e:
+        print(f"[plan] memory check skipped: {e}", file=sys.stderr)
+        return 0
+    if plan.fits:
+        return 0
+    print(render(plan), file=sys.stderr)
+    print(f"error: the plan needs {plan.peak_bytes / GIB:.1f} GiB per GPU in phase '{plan.peak_phase}', this GPU has "
+          f"{gpu_gib:.1f} GiB; apply one of the changes above, or pass --no-memory-check to start anyway",
+          file=sys.stderr)
+    return 2
+
+
 def cmd_train(args) -> int:
     from rlhf_engine.pipeline import is_pipeline, run_pipeline
 
+    if is_pipeline(args.recipe) and args.dry_run:
+        raise RecipeError(f"{args.recipe} is a pipeline: --dry-run takes one stage's recipe (later stages read "
+                          "models the earlier ones have not written yet)")
     if is_pipeline(args.recipe):
         return run_pipeline(args.recipe, args.overrides, nproc=args.nproc)
     recipe = load_recipe(args.recipe, args.overrides)  # fail fast, before any launcher starts
+    if args.dry_run:
+        from rlhf_engine.dryrun import dry_run, render_dry_run
+
+        print(render_dry_run(dry_run(recipe, args.nproc, args.nodes, args.gpu_memory, _aliases(args.model_config))))
+        return 0
+    if _memory_check(args, recipe):
+        return 2
     if args.nproc > 1:
         from rlhf_engine.inputs import check_inputs, check_output_dir
 
@@ -137,7 +200,25 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=1, help="ranks on this machine (>1 starts the deepspeed launcher)")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from the newest checkpoint of the run folder (auto) or from PATH")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve, build the models on the meta device, derive sizes and DeepSpeed configs, check the "
+                        "data, print the memory plan, and stop")
+    p.add_argument("--nodes", type=int, default=1, help="nodes the run spans (--dry-run and the memory check)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="--dry-run: GPU memory to plan for")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="on a GPU, start even when the memory plan says the run does not fit")
+    _add_model_config_arg(p)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("plan", help="per-rank peak memory by phase and component, and what makes it fit")
+    _add_recipe_args(p)
+    p.add_argument("--gpus-per-node", type=int, default=1, help="ranks per node")
+    p.add_argument("--nodes", type=int, default=1, help="nodes")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="memory per GPU: say if it fits")
+    p.add_argument("--host-memory", type=float, default=None, metavar="GIB", help="CPU memory per node (offload)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_model_config_arg(p)
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("validate", help="check a recipe and print it resolved (exit code 2 on errors)")
     _add_recipe_args(p)

@@ -246,7 +246,8 @@ class ModelReward(RewardFunction):
             mask = attention_mask[start:start + self.batch_size]
             if self.device is not None:
                 ids, mask = ids.to(self.device), mask.to(self.device)
-            out.append(self.model.scores(ids, mask).float().cpu())
+            # through forward (ScalarModel.forward = scores), so a DeepSpeed engine wraps the call
+            out.append(self.model(ids, mask).float().cpu())
         return torch.cat(out)
 
     def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,24 +337,36 @@ class ModelReward(RewardFunction):
         return raw * self.scale
 
 
-def load_model_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None
-                      ) -> ModelReward:
-    """Load the reward model of ``reward.model`` (via engine.models) and its tokenizer."""
+def load_model_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None,
+                      frozen=None) -> ModelReward:
+    """Load the reward model of ``reward.model`` (via engine.models) and its tokenizer.
+
+    ``frozen=(recipe, sizes)`` builds it as a frozen DeepSpeed model under the reference's rules
+    (``distributed.build_frozen``: ZeRO-3 partitioned at construction when the recipe's frozen stage is 3,
+    optional parameter offload); without it the whole model is moved to ``device``.
+    """
     from rlhf_engine import models  # heavy (transformers); only the model reward needs it
 
     kwargs = dict(reward_cfg.kwargs)
     _no_kwargs("model", kwargs, ("batch_size",))
     # fixed head seed: a backbone without a trained head still scores the same on every rank
-    model = models.load_scalar_model(reward_cfg.model, cache_dir=cache_dir, init_head_seed=0)
-    model.eval().requires_grad_(False)
-    if device is not None:
-        model.to(device)
+    load = lambda: models.load_scalar_model(reward_cfg.model, cache_dir=cache_dir, init_head_seed=0)  # noqa: E731
+    if frozen is not None:
+        from rlhf_engine.distributed import build_frozen
+
+        model = build_frozen(load, *frozen)
+    else:
+        model = load()
+        model.eval().requires_grad_(False)
+        if device is not None:
+            model.to(device)
     tokenizer = models.load_tokenizer(reward_cfg.model, cache_dir=cache_dir)
     return ModelReward(model, tokenizer, policy_tokenizer=policy_tokenizer, name=f"model {reward_cfg.model.name_or_path}",
                        scale=reward_cfg.scale, device=device, **kwargs)
 
 
-def build_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None) -> RewardFunction:
+def build_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None,
+                 frozen=None) -> RewardFunction:
     """The reward a recipe's ``reward`` section describes; ``reward.scale`` multiplies every score."""
     kind, kwargs, scale = reward_cfg.type, dict(reward_cfg.kwargs), reward_cfg.scale
     if kind == "sentiment":
@@ -365,7 +378,8 @@ def build_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=N
     if kind == "callable":
         return CallableReward(reward_cfg.function, kwargs, scale=scale)
     if kind == "model":
-        return load_model_reward(reward_cfg, policy_tokenizer=policy_tokenizer, cache_dir=cache_dir, device=device)
+        return load_model_reward(reward_cfg, policy_tokenizer=policy_tokenizer, cache_dir=cache_dir, device=device,
+                                 frozen=frozen)
     if kind == "metric":
         from rlhf_engine.reward_set import MetricReward
 

@@ -144,7 +144,8 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
     ptx = PtxMixer(recipe, tokenizer, dist, sizes) if ppo.ptx_coef > 0 else None
     updates_per_step = ppo.ppo_epochs * sizes.num_mini_batches
     models = build_models(recipe, sizes, dist, total_updates=tcfg.steps * updates_per_step)
-    reward_fn = build_recipe_reward(recipe, policy_tokenizer=tokenizer, device=dist.device)
+    reward_fn = build_recipe_reward(recipe, policy_tokenizer=tokenizer, device=dist.device,
+                                    frozen=(recipe, sizes))
     if (getattr(recipe.reward, "share_reference_backbone", False) and hasattr(reward_fn, "share_backbone")
             and reward_fn.share_backbone(unwrap(models.reference))):
         if dist.is_main:
@@ -315,6 +316,8 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
             **stats, **{f"time/{k}": v for k, v in times.items()}, "time/step": step_s,
             "tokens_per_s": n_tokens / step_s,
             "memory/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **({"memory/peak_device_mib": torch.cuda.max_memory_allocated() / 2 ** 20}
+               if torch.cuda.is_available() else {}),  # compared with the planner (launch/bench_memory.py)
         }
         if returns is not None:
             metrics["returns/mean"] = _global_mean(kernels.masked_mean(returns, mask, dim=-1))
