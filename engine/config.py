@@ -268,6 +268,16 @@ class RewardModelSection(Section):
         0.0, ge=0, description="Reward model: weight of the centering term (s_chosen + s_rejected)^2.")
 
 
+class DPOSection(Section):
+    beta: float = Field(0.1, gt=0, description="DPO / IPO beta: strength of the pull towards the reference.")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid = DPO's -log sigmoid(beta h); ipo = IPO's (h - 1/(2 beta))^2 on per-token "
+        "mean log-probs.")
+    reference: Literal["precompute", "on_the_fly"] = Field(
+        "precompute", description="Reference log-probs: one pass over every row before training (the reference is "
+        "then freed) or a reference forward per micro-batch.")
+
+
 class HybridConfig(Section):
     enabled: bool = Field(True, description="Gather the ZeRO-3 actor and detach hooks while generating.")
     layers_per_group: Optional[int] = Field(
@@ -299,7 +309,8 @@ class Recipe(Section):
     """A whole run. Sections a stage does not use must be omitted or left default."""
 
     name: str = Field(..., description="Run name: the run folder is <output_dir>/<name>.")
-    stage: Literal["sft", "reward", "rl"] = Field(..., description="Which training stage this recipe runs.")
+    stage: Literal["sft", "reward", "rl", "dpo"] = Field(
+        ..., description="Which training stage this recipe runs.")
     seed: int = Field(42, description="Seed for data order, sampling and initialisation.")
     output_dir: str = Field("runs", description="Parent folder of run folders (relative to the working dir).")
     cache_dir: Optional[str] = Field(None, description="Where converted models are cached (default ~/.cache).")
@@ -320,6 +331,7 @@ class Recipe(Section):
     sft: SFTSection = Field(default_factory=SFTSection, description="SFT stage settings.")
     reward_model: RewardModelSection = Field(default_factory=RewardModelSection,
                                              description="Reward-model stage settings.")
+    dpo: DPOSection = Field(default_factory=DPOSection, description="DPO stage settings (preference pairs).")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, samples, wandb.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
 
