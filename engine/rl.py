@@ -413,6 +413,32 @@ def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Te
 
 
 # --------------------------------------------------------------------------------------------
+# NLPO (Ramamurthy et al. 2023, RL4LMs): the policy samples only inside a mask model's top-p tokens
+MASKED_LOGIT = -1e9  # finite, so masked tokens get probability 0 without inf - inf = nan in entropies
+
+
+def top_p_token_mask(logits: torch.Tensor, top_p: float, always: Iterable[int] = ()) -> torch.Tensor:
+    """NLPO's action mask from the mask model's next-token logits [..., V] -> bool [..., V].
+
+    Keeps the most likely tokens until their probability exceeds top_p (the token that crosses it
+    included, so the most likely token always stays), plus the ``always`` ids (EOS: a reply can end).
+    """
+    sorted_logits, order = torch.sort(logits.float(), dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop = torch.zeros_like(cum, dtype=torch.bool)
+    drop[..., 1:] = cum[..., :-1] > top_p  # a token goes once the ones before it already exceed top_p
+    keep = ~drop.scatter(-1, order, drop)
+    for token in always:
+        keep[..., token] = True
+    return keep
+
+
+def mask_logits(logits: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    """logits [..., V] with tokens outside ``allowed`` (bool [..., V]) set to MASKED_LOGIT; None: unchanged."""
+    return logits if allowed is None else logits.masked_fill(~allowed, MASKED_LOGIT)
+
+
+# --------------------------------------------------------------------------------------------
 # train-inference mismatch and off-policy correction (generation log-probs vs training log-probs)
 CORRECTIONS = ("none", "tis", "mis-token", "mis-sequence")
 

@@ -62,6 +62,7 @@ class Models:
     reference: object  # frozen engine or module
     critic: Optional[object]  # DeepSpeed engine of a ScalarModel (per-token values), PPO only
     hybrid: HybridEngine
+    mask: Optional[object] = None  # NLPO's mask model (engine/nlpo.py)
 
 
 class Timer:
@@ -96,7 +97,11 @@ def build_models(recipe: Recipe, sizes, dist: DistInfo, total_updates: int) -> M
     hybrid = HybridEngine(actor, layers_per_group=recipe.hybrid.layers_per_group, enabled=recipe.hybrid.enabled,
                           dtype=dtype_of(gen.dtype) if gen.dtype else None,
                           attn_implementation=gen.attn_implementation)
-    return Models(actor, reference, critic, hybrid)
+    mask = None
+    if recipe.ppo.algorithm == "nlpo":
+        from rlhf_engine.nlpo import build_mask_model
+        mask = build_mask_model(recipe, sizes)
+    return Models(actor, reference, critic, hybrid, mask)
 
 
 def critic_model_config(recipe: Recipe):
@@ -169,11 +174,14 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
         timer = Timer()
         batch = collate_prompts(items, tokenizer.pad_token_id)
         ids, pmask = batch["input_ids"].to(dist.device), batch["attention_mask"].to(dist.device)
+        allowed = [] if models.mask is not None else None  # NLPO: the mask model's top-p sets
         with timer("generate"), models.hybrid.inference() as gen_model:
             resp, rmask, has_eos, gen_lp = generate(gen_model, tokenizer, ids, pmask, gen, return_logprobs=True,
-                                                    batch_size=tcfg.generation_batch_size)
+                                                    batch_size=tcfg.generation_batch_size, mask_model=models.mask,
+                                                    mask_top_p=ppo.nlpo_top_p, allowed_out=allowed)
         r = Rollout(ids, pmask, resp, rmask, has_eos, batch["prompts"],
-                    tokenizer.batch_decode(resp, skip_special_tokens=True), gen_logprobs=gen_lp)
+                    tokenizer.batch_decode(resp, skip_special_tokens=True), gen_logprobs=gen_lp,
+                    allowed=torch.cat(allowed) if allowed else None)
         seq, attn, R = r.sequences, r.attention_mask, resp.shape[1]
         mb = tcfg.scoring_batch_size or sizes.micro_batch_size  # no grad: no activations are kept
         all_rows = torch.arange(len(seq), device=seq.device)
@@ -182,8 +190,9 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
         if ppo.old_logprobs == "generation":  # the ratio's old policy is the one that sampled: no actor pass
             rows = all_rows[:0]
         with timer("score"), torch.no_grad():
-            r.logprobs = _score_rows(lambda s, a: forward_logprobs(models.actor, s, a, R, gen.temperature),
-                                     rows, mb, seq, attn, rmask)
+            r.logprobs = _score_rows(lambda s, a, *al: forward_logprobs(models.actor, s, a, R, gen.temperature,
+                                                                        allowed=al[0] if al else None),
+                                     rows, mb, seq, attn, rmask, r.allowed)
             if ppo.old_logprobs == "generation":
                 r.logprobs = gen_lp.float() * rmask
             if with_values and models.critic is not None:
@@ -246,6 +255,9 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
     t_start = time.perf_counter()
     for step in range(start, tcfg.steps + 1):
         t_step = time.perf_counter()
+        if models.mask is not None and (step == start or (step - 1) % ppo.nlpo_mask_update_every == 0):
+            from rlhf_engine.nlpo import sync_mask_model
+            sync_mask_model(models.mask, models.actor)  # NLPO: the mask model follows the actor, lagging
         # ---- 1-2. generate and score -------------------------------------------------------------
         def draw_items() -> list:
             global_idx = sampler.next_batch()
@@ -364,11 +376,13 @@ def _dynamic_sampling(make_rollout, items: list, draw_items, ppo, pad_token_id: 
 
 
 def _score_rows(forward, rows: torch.Tensor, micro: int, seq: torch.Tensor, attn: torch.Tensor,
-                rmask: torch.Tensor) -> torch.Tensor:
-    """Per-token outputs [B, R] of `forward(seq, attn)` for `rows` in micro-batches, masked; 0 at other rows."""
+                rmask: torch.Tensor, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token outputs [B, R] of `forward(seq, attn[, extra])` for `rows` in micro-batches, masked; 0 at
+    other rows. `extra`: a per-row tensor sliced alongside (NLPO's allowed tokens)."""
     out = torch.zeros_like(rmask, dtype=torch.float32)
     if len(rows):
-        out[rows] = micro_batched(forward, micro, seq[rows], attn[rows]).float() * rmask[rows]
+        tensors = (seq[rows], attn[rows]) + (() if extra is None else (extra[rows],))
+        out[rows] = micro_batched(forward, micro, *tensors).float() * rmask[rows]
     return out
 
 
@@ -393,7 +407,8 @@ def _forward_with_grad(models: Models, r: Rollout, rows: torch.Tensor, sizes, te
     seq, attn, mask, R = r.sequences, r.attention_mask, r.response_mask, r.response_ids.shape[1]
     out = []
     for micro in _micro_slices(rows, sizes.micro_batch_size):
-        logp, entropy = forward_logprobs(models.actor, seq[micro], attn[micro], R, temperature, return_entropy=True)
+        logp, entropy = forward_logprobs(models.actor, seq[micro], attn[micro], R, temperature, return_entropy=True,
+                                         allowed=None if r.allowed is None else r.allowed[micro])
         values = None
         if with_critic and models.critic is not None:
             values = forward_values(models.critic, seq[micro], attn[micro], R)
@@ -443,7 +458,8 @@ def _update(models: Models, r: Rollout, advantages, returns, sizes, recipe: Reci
                     assert torch.equal(fused_rows, micro), "fused forward and update disagree on the rows"
                 else:
                     logp, entropy = forward_logprobs(actor, seq[micro], attn[micro], R, gen.temperature,
-                                                     return_entropy=True)
+                                                     return_entropy=True,
+                                                     allowed=None if r.allowed is None else r.allowed[micro])
                     values = None
                 if ppo.algorithm != "trpo":
                     if ppo.old_logprobs == "generation" and epoch == 0 and m == 0 and r.gen_logprobs is not None:

@@ -1,8 +1,8 @@
 """TRPO's actor update (Schulman et al. 2015): one natural-gradient step per rollout inside a KL trust region.
 
 The step needs the full policy gradient and Fisher-vector products (a double backward), so it runs
-on the plain module at ZeRO stage 0 (every rank holds every weight and gradient) and averages the
-vectors over ranks itself; DeepSpeed's optimizer is not used for the actor. The math (surrogate,
+on the plain module at ZeRO stage 0 in fp32 (every rank holds every weight and gradient) and
+averages the vectors over ranks itself; DeepSpeed's optimizer is not used for the actor. The math (surrogate,
 conjugate gradient, step scaling, line search) is in engine/rl.py; this file only feeds it.
 """
 from __future__ import annotations
@@ -10,17 +10,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as tdist
 
-from rlhf_engine import rl
-from rlhf_engine.distributed import autocast_dtype, unwrap
+from rlhf_engine import kernels, rl
+from rlhf_engine.distributed import unwrap
+from rlhf_engine.rollout import position_ids_from_mask
 
 
 def check_trpo_supported(recipe) -> None:
     """Clear error where the full gradient is not available on every rank."""
     ds = recipe.deepspeed
-    if ds.zero_stage != 0 or ds.precision not in ("fp32", "bf16_autocast") or ds.offload_optimizer:
-        raise ValueError(f"ppo.algorithm trpo needs deepspeed.zero_stage: 0 and precision fp32 or bf16_autocast "
-                         f"(the conjugate-gradient step uses every rank's full fp32 gradient and Fisher-vector "
-                         f"products); got zero_stage {ds.zero_stage}, precision {ds.precision}. Use ppo or a2c "
+    if ds.zero_stage != 0 or ds.precision != "fp32" or ds.offload_optimizer:
+        raise ValueError(f"ppo.algorithm trpo needs deepspeed.zero_stage: 0 and precision: fp32 (the "
+                         f"conjugate-gradient step uses every rank's full fp32 gradient and finite-difference "
+                         f"Fisher-vector products); got zero_stage {ds.zero_stage}, precision {ds.precision}. Use ppo or a2c "
                          "for sharded or half-precision training")
 
 
@@ -38,8 +39,8 @@ def _flat(tensors, params) -> torch.Tensor:
 def trpo_update(actor, r, advantages: torch.Tensor, ppo, temperature: float, micro: int) -> dict:
     """One TRPO step of the actor over this rank's whole rollout `r` (old log-probs r.logprobs).
 
-    Direction s = F^-1 g by conjugate gradient (F: Fisher of the mean per-token KL(old || new) over
-    full next-token distributions, plus damping), scaled to KL = ppo.trpo_max_kl, then backtracked
+    Direction s = F^-1 g by conjugate gradient (F: Hessian of the aggregated per-token KL(old || new)
+    over full next-token distributions, plus damping), scaled to KL = ppo.trpo_max_kl, then backtracked
     until the surrogate falls and the sampled KL (k3) stays within 1.5 x max_kl.
     """
     module = unwrap(actor)
@@ -47,19 +48,14 @@ def trpo_update(actor, r, advantages: torch.Tensor, ppo, temperature: float, mic
     seq, attn, mask, R = r.sequences, r.attention_mask, r.response_mask, r.response_ids.shape[1]
     slices = [torch.arange(len(seq))[i:i + micro] for i in range(0, len(seq), micro)]
     weights = [rl.micro_batch_weight(mask[rows], mask, ppo.loss_agg) for rows in slices]
-    dtype = autocast_dtype(actor)
 
     def logits_of(rows):
-        from rlhf_engine.rollout import position_ids_from_mask
-
-        with torch.autocast("cpu" if seq.device.type == "cpu" else "cuda", dtype=dtype or torch.float32,
-                            enabled=dtype is not None):
-            out = module(input_ids=seq[rows], attention_mask=attn[rows], logits_to_keep=R + 1,
-                         position_ids=position_ids_from_mask(attn[rows]), use_cache=False)
+        out = module(input_ids=seq[rows], attention_mask=attn[rows], logits_to_keep=R + 1,
+                     position_ids=position_ids_from_mask(attn[rows]), use_cache=False)
         return out.logits[:, -R - 1:-1].float() / temperature
 
     def token_logprobs(logits, rows):
-        return torch.log_softmax(logits, -1).gather(-1, seq[rows][:, -R:, None]).squeeze(-1)
+        return kernels.logprobs_from_logits(logits, seq[rows][:, -R:])
 
     def surrogate(rows, with_grad: bool):
         with torch.set_grad_enabled(with_grad):
@@ -75,28 +71,40 @@ def trpo_update(actor, r, advantages: torch.Tensor, ppo, temperature: float, mic
     grad = _average(grad)
     loss_before = float(_average(torch.tensor([loss_before]))[0])
 
+    base = [p.detach().clone() for p in params]
+
+    def load(delta: torch.Tensor) -> None:
+        """Parameters <- the old ones + delta (flat)."""
+        offset = 0
+        with torch.no_grad():
+            for p, p0 in zip(params, base):
+                p.copy_(p0 + delta[offset:offset + p.numel()].view_as(p).to(p.dtype))
+                offset += p.numel()
+
     def fvp(v: torch.Tensor) -> torch.Tensor:
+        """F v = J^T (diag(p) - p p^T) J v, J = d logits / d theta: J v by a central difference of two
+        no-grad forwards, J^T by one backward (no double backward, which fused kernels lack)."""
         out = torch.zeros_like(v)
+        eps = 1e-3 / float(v.abs().max().clamp(min=1e-12))
         for rows, w in zip(slices, weights):
+            with torch.no_grad():
+                load(eps * v)
+                plus = logits_of(rows)
+                load(-eps * v)
+                jv = (plus - logits_of(rows)) / (2 * eps)
+                load(torch.zeros_like(v))
             logits = logits_of(rows)
-            old = torch.log_softmax(logits.detach(), -1)
-            kl = (old.exp() * (old - torch.log_softmax(logits, -1))).sum(-1)  # 0 at theta_old; Hessian = Fisher
-            kl = rl.aggregate(kl, mask[rows], ppo.loss_agg) * w
-            g = _flat(torch.autograd.grad(kl, params, create_graph=True, allow_unused=True), params)
-            out += _flat(torch.autograd.grad(g @ v, params, allow_unused=True), params).detach()
+            probs = logits.detach().softmax(-1)
+            curvature = probs * jv - probs * (probs * jv).sum(-1, keepdim=True)  # KL's Hessian in the logits
+            term = rl.aggregate((logits * curvature).sum(-1), mask[rows], ppo.loss_agg) * w
+            out += _flat(torch.autograd.grad(term, params, allow_unused=True), params)
         return _average(out) + ppo.trpo_damping * v
 
     direction = rl.conjugate_gradient(fvp, -grad, iters=ppo.trpo_cg_iters)
     full_step = rl.trpo_full_step(direction, fvp(direction), ppo.trpo_max_kl)
-    old_params = [p.detach().clone() for p in params]
 
     def set_params(frac: float) -> None:
-        offset = 0
-        with torch.no_grad():
-            for p, p0 in zip(params, old_params):
-                n = p.numel()
-                p.copy_(p0 + frac * full_step[offset:offset + n].view_as(p).to(p.dtype))
-                offset += n
+        load(frac * full_step)
 
     def evaluate(frac: float) -> tuple[float, float]:
         set_params(frac)
