@@ -256,10 +256,17 @@ class EvalSection(Section):
         return [MetricConfig(name=m) if isinstance(m, str) else m for m in self.metrics]
 
 
+GROUP_ALGORITHMS = ("grpo", "rloo", "dr_grpo", "reinforce++-baseline")  # baselines over a prompt's group
+
+
 class PPOConfig(Section):
     """The clipped policy-gradient loop; `algorithm` picks the advantage estimator (GAE or a baseline)."""
 
-    algorithm: Literal["ppo", "grpo", "rloo", "reinforce++"] = Field("ppo", description="Advantage estimator.")
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce++", "dr_grpo", "reinforce++-baseline", "a2c", "trpo",
+                       "nlpo"] = Field(
+        "ppo", description="Advantage estimator and update: critic-based ppo (clipped), a2c (one unclipped step), "
+        "trpo (natural-gradient step in a KL trust region), nlpo (ppo with a top-p masked policy); critic-free "
+        "grpo, dr_grpo, rloo, reinforce++, reinforce++-baseline (docs/rl-algorithms.md).")
     group_size: int = Field(1, gt=0, description="Responses sampled per prompt (GRPO/RLOO need >= 2).")
     ppo_epochs: int = Field(1, gt=0, description="Passes over each rollout batch.")
     kl_coef: float = Field(0.05, ge=0, description="Initial beta of the per-token KL penalty.")
@@ -282,14 +289,59 @@ class PPOConfig(Section):
         "each RL step, checkpointed, evaluated as ema/* in eval.jsonl, exported with `export --ema`).")
     ptx_coef: float = Field(0.0, ge=0, description="Weight of the language-model loss on ptx_data rows added to "
                             "every actor update (InstructGPT's PPO-ptx; 0 = off).")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="How per-token policy losses become one number: mean over tokens, mean of "
+        "per-response means, mean of per-response sums, or those sums / max_new_tokens (Dr.GRPO).")
+    cliprange_high: Optional[float] = Field(
+        None, gt=0, description="Upper ratio clip eps_high (DAPO clip-higher: 1+eps_high); default: cliprange, "
+        "which is then eps_low.")
+    ratio_level: Literal["token", "sequence"] = Field(
+        "token", description="Importance ratio per token (PPO) or per response, the geometric mean over its "
+        "tokens (GSPO; use tiny clip ranges such as 3e-4 / 4e-4).")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO: drop prompt groups whose scores are all equal and generate more prompts "
+        "until the batch is full (needs group_size >= 2).")
+    dynamic_sampling_max_rounds: int = Field(
+        4, gt=0, description="Cap on generation rounds per step for dynamic sampling; a batch still short "
+        "after it is filled with dropped groups (logged as dynamic_sampling/filled_groups).")
+    overlong_buffer: Optional[int] = Field(
+        None, gt=0, description="DAPO overlong penalty: responses longer than max_new_tokens - buffer lose up to "
+        "overlong_penalty_factor, linearly in the extra tokens.")
+    overlong_penalty_factor: float = Field(1.0, ge=0, description="Largest overlong penalty (at max_new_tokens).")
+    old_logprobs: Literal["recompute", "generation"] = Field(
+        "recompute", description="Old log-probs of the PPO ratio: a training forward (exact) or the generation's "
+        "own (saves the scoring pass; the ratio then also absorbs the train-inference mismatch).")
+    rollout_correction: Literal["none", "tis", "mis-token", "mis-sequence"] = Field(
+        "none", description="Weigh the policy loss by pi_train/pi_inference per token: truncated (tis) or masked "
+        "per token / per response (mis-*); needs old_logprobs: recompute.")
+    rollout_is_cap: float = Field(
+        2.0, gt=1, description="TIS truncation cap C; MIS keeps weights in [1/C, C].")
+    mismatch_threshold: float = Field(
+        0.1, gt=0, description="mismatch/frac_over logs the share of tokens whose |logp_train - logp_inference| "
+        "exceeds this.")
+    trpo_max_kl: float = Field(0.01, gt=0, description="TRPO trust region: mean per-token KL(old || new) per step.")
+    trpo_cg_iters: int = Field(10, gt=0, description="TRPO conjugate-gradient iterations.")
+    trpo_damping: float = Field(0.1, ge=0, description="TRPO: F + damping * I in the conjugate gradient.")
+    trpo_backtracks: int = Field(10, gt=0, description="TRPO line search: halvings of the step tried.")
+    nlpo_top_p: float = Field(
+        0.9, gt=0, le=1, description="NLPO: the actor samples only tokens inside the mask model's top-p set.")
+    nlpo_mask_update_every: int = Field(
+        5, gt=0, description="NLPO: copy the actor into the mask model every N steps.")
     fuse_scoring: bool = Field(
         True, description="Take the first mini-batch's old log-probs from its own update forward (the policy has not "
                           "moved yet) instead of a scoring pass; with 1 mini-batch the critic's values too.")
 
     @model_validator(mode="after")
     def _groups(self):
-        if self.algorithm in ("grpo", "rloo") and self.group_size < 2:
+        if self.algorithm in GROUP_ALGORITHMS and self.group_size < 2:
             raise ValueError(f"ppo.algorithm '{self.algorithm}' needs ppo.group_size >= 2")
+        if self.dynamic_sampling and self.group_size < 2:
+            raise ValueError("ppo.dynamic_sampling needs ppo.group_size >= 2 (it filters groups of one prompt)")
+        if self.rollout_correction != "none" and self.old_logprobs != "recompute":
+            raise ValueError(f"ppo.rollout_correction '{self.rollout_correction}' weighs the training engine's "
+                             "log-probs against the generation's: set ppo.old_logprobs: recompute")
+        if self.algorithm in ("a2c", "trpo") and self.ppo_epochs != 1:
+            raise ValueError(f"ppo.algorithm '{self.algorithm}' makes one update per rollout: set ppo.ppo_epochs: 1")
         return self
 
 
@@ -300,6 +352,16 @@ class SFTSection(Section):
 class RewardModelSection(Section):
     center_coef: float = Field(
         0.0, ge=0, description="Reward model: weight of the centering term (s_chosen + s_rejected)^2.")
+
+
+class DPOSection(Section):
+    beta: float = Field(0.1, gt=0, description="DPO / IPO beta: strength of the pull towards the reference.")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid = DPO's -log sigmoid(beta h); ipo = IPO's (h - 1/(2 beta))^2 on per-token "
+        "mean log-probs.")
+    reference: Literal["precompute", "on_the_fly"] = Field(
+        "precompute", description="Reference log-probs: one pass over every row before training (the reference is "
+        "then freed) or a reference forward per micro-batch.")
 
 
 class HybridConfig(Section):
@@ -333,7 +395,8 @@ class Recipe(Section):
     """A whole run. Sections a stage does not use must be omitted or left default."""
 
     name: str = Field(..., description="Run name: the run folder is <output_dir>/<name>.")
-    stage: Literal["sft", "reward", "rl"] = Field(..., description="Which training stage this recipe runs.")
+    stage: Literal["sft", "reward", "rl", "dpo"] = Field(
+        ..., description="Which training stage this recipe runs.")
     seed: int = Field(42, description="Seed for data order, sampling and initialisation.")
     output_dir: str = Field("runs", description="Parent folder of run folders (relative to the working dir).")
     cache_dir: Optional[str] = Field(None, description="Where converted models are cached (default ~/.cache).")
@@ -350,11 +413,13 @@ class Recipe(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and LR schedule.")
     train: TrainConfig = Field(..., description="Steps and batch sizes.")
     generation: GenerationSection = Field(default_factory=GenerationSection, description="Sampling.")
-    ppo: PPOConfig = Field(default_factory=PPOConfig, description="RL loop settings (PPO, GRPO, RLOO, REINFORCE++).")
+    ppo: PPOConfig = Field(default_factory=PPOConfig,
+                           description="RL loop settings: PPO and every other algorithm of the one loop (ppo.algorithm).")
     hybrid: HybridConfig = Field(default_factory=HybridConfig, description="Hybrid engine.")
     sft: SFTSection = Field(default_factory=SFTSection, description="SFT stage settings.")
     reward_model: RewardModelSection = Field(default_factory=RewardModelSection,
                                              description="Reward-model stage settings.")
+    dpo: DPOSection = Field(default_factory=DPOSection, description="DPO stage settings (preference pairs).")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, samples, wandb.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
 
@@ -373,6 +438,9 @@ class Recipe(Section):
                 raise ValueError(f"reward: several rewards are named {dup}; give each a distinct reward.name")
         if any(r.label == "mean" for r in self.reward_configs()):
             raise ValueError("reward.name 'mean' is taken (metrics key reward/mean is the shaped reward); pick another")
+        if (self.ppo.old_logprobs == "generation" or self.ppo.rollout_correction != "none") and self.generation.stop_strings:
+            raise ValueError("ppo.old_logprobs: generation and ppo.rollout_correction need the log-probs of the engine's "
+                             "own decode loop, but generation.stop_strings samples with HF generate(); drop one")
         return self
 
     def reward_configs(self) -> list[RewardConfig]:
@@ -409,8 +477,11 @@ def derive_batch_sizes(recipe: Recipe, world_size: int) -> BatchSizes:
     per_step = t.micro_batch_size * world_size
     need(t.mini_batch_size % per_step == 0,
          f"mini_batch_size {t.mini_batch_size} must divide by micro_batch_size x world = {per_step}")
-    if recipe.stage == "rl" and recipe.ppo.algorithm in ("grpo", "rloo"):
+    if recipe.stage == "rl" and (recipe.ppo.algorithm in GROUP_ALGORITHMS or recipe.ppo.dynamic_sampling):
         need((seqs // world_size) % group == 0, "each rank must hold whole prompt groups")
+    if recipe.stage == "rl" and recipe.ppo.algorithm == "trpo":
+        need(seqs == t.mini_batch_size, f"ppo.algorithm trpo takes one step over the whole rollout: set "
+             f"mini_batch_size = rollout sequences ({seqs})")
     return BatchSizes(world_size=world_size, rollout_sequences=seqs, local_rollout_sequences=seqs // world_size,
                       mini_batch_size=t.mini_batch_size, num_mini_batches=seqs // t.mini_batch_size,
                       micro_batch_size=t.micro_batch_size,

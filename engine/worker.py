@@ -32,6 +32,10 @@ def run(recipe: Recipe, resume: str | None = None) -> dict:
         from rlhf_engine.reward_model import train_reward_model
 
         summary = train_reward_model(recipe, dist, resume=resume)
+    elif recipe.stage == "dpo":
+        from rlhf_engine.dpo import train_dpo
+
+        summary = train_dpo(recipe, dist, resume=resume)
     else:
         raise RecipeError(f"stage '{recipe.stage}' is not available yet in this build; use stage: rl")
     if dist.is_main:
