@@ -55,6 +55,9 @@ class ModelConfig(Section):
                           "the CPUs measured, same float32 math); no effect on other dtypes or devices.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it).")
     lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters instead of all weights.")
+    context_start_token: Optional[int] = Field(
+        None, ge=0, description="Encoder-decoder models only: token id the decoder starts from (RL4LMs' name); "
+                                "default the model config's decoder_start_token_id.")
 
 
 class CriticConfig(Section):

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from rlhf_engine import kernels
+from rlhf_engine import kernels, seq2seq
 from rlhf_engine.config import GenerationSection
 
 
@@ -168,7 +168,11 @@ def _hf_generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, gen: G
         kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    return model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+    skip = ids.shape[1]
+    if seq2seq.is_seq2seq(model):  # encoder inputs; the output starts with the decoder start token
+        ids, mask, start, skip = seq2seq.hf_generate_inputs(model, ids, mask)
+        kwargs.update(start)
+    return model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, skip:]
 
 
 def _needs_synced_steps(model) -> bool:
@@ -307,6 +311,8 @@ def _decode_steps(model, prompt_ids: torch.Tensor, mask: torch.Tensor, gen: Gene
     from rlhf_engine.decode import FusedDecoder
 
     B, P = prompt_ids.shape
+    if seq2seq.is_seq2seq(model):
+        return seq2seq.decode_steps(model, prompt_ids, mask)
     if gen.fused_decode:
         why_not = FusedDecoder.why_unsupported(model)
         if why_not is None:
@@ -344,7 +350,15 @@ def forward_logprobs(model: Callable, input_ids: torch.Tensor, attention_mask: t
     [B, L, V] float32 tensor exists. `hidden_out`: a list that receives the backbone's final
     hidden states [B, L, H] (a reward head sharing this backbone reads them). `allowed` [B, R, V]
     bool (NLPO): log-probs of the distribution renormalised over those tokens.
+    Encoder-decoder models: `input_ids` is prompt + response as well (engine/seq2seq.py splits it).
     """
+    if seq2seq.is_seq2seq(model):
+        if hidden_out is not None:
+            raise ValueError("a reward model cannot share an encoder-decoder reference's backbone")
+        if allowed is not None:
+            raise ValueError("NLPO's masked policy is implemented for causal LMs only")
+        return seq2seq.forward_logprobs(model, input_ids, attention_mask, response_len, temperature,
+                                        return_entropy=return_entropy)
     hook = None
     if hidden_out is not None:
         backbone = getattr(model, "module", model).base_model
@@ -371,6 +385,9 @@ def forward_values(critic: Callable, input_ids: torch.Tensor, attention_mask: to
 
     `critic` is an engine.models.ScalarModel or a DeepSpeed engine wrapping one (forward, so ZeRO hooks run).
     """
+    if seq2seq.is_seq2seq(critic):  # values on the decoder states (engine/seq2seq.py)
+        return critic(input_ids=input_ids, attention_mask=attention_mask, per_token=True,
+                      response_len=response_len).float()
     values = critic(input_ids=input_ids, attention_mask=attention_mask,
                     position_ids=position_ids_from_mask(attention_mask), per_token=True)
     return values[:, -response_len - 1:-1].float()
