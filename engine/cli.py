@@ -61,7 +61,7 @@ def cmd_train(args) -> int:
         return subprocess.call(cmd)
     from rlhf_engine.worker import run
 
-    run(recipe, resume=args.resume)
+    run(recipe, resume=args.resume, process_start=args.process_start)
     return 0
 
 
@@ -110,11 +110,7 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_presets)
 
     args = parser.parse_args(argv)
-    if args.command == "train" and argv is None:  # a real process start (not a library call): tcmalloc first
-        from rlhf_engine.allocator import ensure_tcmalloc, report_allocator
-
-        ensure_tcmalloc()
-        report_allocator()
+    args.process_start = argv is None  # a real process start (not a library call): the CPU backend may re-exec
     try:
         return args.fn(args)
     except RecipeError as e:

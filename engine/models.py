@@ -22,8 +22,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from rlhf_engine.config import ModelConfig
-from rlhf_engine.lean import make_lean
-from rlhf_engine.onednn import use_onednn_linears
+from rlhf_engine.backends import cpu as cpu_backend
 from rlhf_engine.presets import (PRESETS, cache_root, cached_folder, convert_gguf, gguf_cache_key, list_presets,
                             use_distinct_pad)
 
@@ -217,7 +216,7 @@ def _contiguous_head_input(model: PreTrainedModel) -> None:
             args = (args[0].contiguous(), *args[1:])
         return args, kwargs
 
-    pre_hook.layout_only = True  # changes no value: the fused decoder (engine.decode) may bypass it
+    pre_hook.layout_only = True  # changes no value: the fused decoder (backends/cpu/decode.py) may bypass it
     head.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
@@ -251,18 +250,12 @@ def load_policy(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtype: DTy
     _set_pad(model, load_tokenizer(cfg, cache_dir).pad_token_id)
     _contiguous_head_input(model)
     if not for_training:
-        if cfg.onednn_linear:
-            use_onednn_linears(model)
-        return model.eval().requires_grad_(False)
+        return cpu_backend.tune_model(model, for_training=False).eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
         model = _lora(cfg, "CAUSAL_LM", model)
-    if cfg.lean_activations:
-        make_lean(model)  # after LoRA: adapter-wrapped projections keep their own forward
-    if cfg.onednn_linear:
-        use_onednn_linears(model)  # after LoRA too: its base and adapter linears are plain nn.Linear
-    return model
+    return cpu_backend.tune_model(model)  # after LoRA: adapter-wrapped projections keep their own forward
 
 
 def load_scalar_model(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtype: DType = None,
@@ -286,10 +279,7 @@ def load_scalar_model(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtyp
         hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
         hf_model = _lora(cfg, "SEQ_CLS", hf_model)  # SEQ_CLS keeps the head fully trainable
-    if cfg.lean_activations:
-        make_lean(hf_model)
-    if cfg.onednn_linear:
-        use_onednn_linears(hf_model)
+    cpu_backend.tune_model(hf_model)
     return ScalarModel(hf_model, encoder=encoder)
 
 

@@ -12,11 +12,23 @@ import sys
 from rlhf_engine.config import Recipe, RecipeError, load_recipe
 
 
-def run(recipe: Recipe, resume: str | None = None) -> dict:
-    """Run the recipe's stage on this rank; the main rank prints the summary."""
+def run(recipe: Recipe, resume: str | None = None, *, process_start: bool = False) -> dict:
+    """Run the recipe's stage on this rank; the main rank prints the summary.
+
+    ``process_start``: called from a process entry (CLI, launcher), so the CPU backend may re-execute
+    the process to get its allocator and huge pages (see rlhf_engine.backends.cpu)."""
+    from rlhf_engine.backends import on_cpu
+
+    run_info: dict = {}
+    if on_cpu():  # CPU tuning, once per run; never on GPU
+        from rlhf_engine.backends import cpu
+
+        run_info["cpu"] = cpu.start_run(recipe.cpu, process_start=process_start)
     from rlhf_engine.distributed import init_distributed
+    from rlhf_engine.precision import resolve_precision
 
     dist = init_distributed(recipe.num_threads)
+    run_info["precision"] = resolve_precision(recipe, dist.is_main)
     if recipe.stage == "rl":
         from rlhf_engine.trainer import train_rl
 
@@ -31,11 +43,21 @@ def run(recipe: Recipe, resume: str | None = None) -> dict:
         summary = train_reward_model(recipe, dist)
     else:
         raise RecipeError(f"stage '{recipe.stage}' is not available yet in this build; use stage: rl")
+    summary.update(run_info)
     if dist.is_main:
+        _write_run_info(summary, run_info)
         print_summary(summary)
         print("SUMMARY_JSON " + json.dumps(summary, default=str), flush=True)
     _shutdown_process_group()
     return summary
+
+
+def _write_run_info(summary: dict, run_info: dict) -> None:
+    """run.json in the run folder: the precision chosen (and the probe's numbers), the CPU settings."""
+    from pathlib import Path
+
+    if summary.get("run_dir") and Path(summary["run_dir"]).is_dir():
+        (Path(summary["run_dir"]) / "run.json").write_text(json.dumps(run_info, indent=1, default=str) + "\n")
 
 
 def _shutdown_process_group() -> None:
@@ -63,6 +85,10 @@ def print_summary(s: dict) -> None:
     for tag in ("before", "after"):
         for prompt, resp, score in s.get(f"samples_{tag}", [])[:2]:
             print(f"  [{tag}] {str(prompt).strip()[:70]!r}\n      -> {resp.strip()[:160]!r}  (score {score:+.3f})")
+    p = s.get("precision") or {}
+    if p.get("probe"):
+        print(f"precision: {p['precision']} (auto; probe fp32 {p['probe']['fp32_ms']:.1f} ms vs bf16 "
+              f"{p['probe']['bf16_ms']:.1f} ms at {p['probe']['shape']})")
     print(f"run folder: {s.get('run_dir')}")
     if s.get("final_dir"):
         print(f"trained model (Hugging Face folder): {s['final_dir']}")
@@ -78,12 +104,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint folder")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
-    if argv is None:  # started by the deepspeed launcher directly: tcmalloc first (inherited via rlhf-engine)
-        from rlhf_engine.allocator import ensure_tcmalloc
-
-        ensure_tcmalloc()
     try:
-        run(load_recipe(args.recipe, args.overrides), resume=args.resume)
+        run(load_recipe(args.recipe, args.overrides), resume=args.resume, process_start=argv is None)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
