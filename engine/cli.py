@@ -1,4 +1,4 @@
-"""`rlhf-engine` command line: train, validate, export, presets.
+"""`rlhf-engine` command line: train, validate, export, report, presets.
 
 Thin on purpose: every command parses a recipe (or a run folder) and calls one library function.
 Settings live in the recipe, not in flags: `--set a.b.c=value` overrides any recipe key.
@@ -56,12 +56,12 @@ def cmd_train(args) -> int:
         derive_batch_sizes(recipe, args.nproc)
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), str(WORKER),
                args.recipe, *[f"--set={o}" for o in args.overrides],
-               *([f"--resume={args.resume}"] if args.resume else [])]
+               *([f"--resume={args.resume}"] if args.resume else []), *(["--verbose"] if args.verbose else [])]
         print("[launch] " + " ".join(cmd), file=sys.stderr, flush=True)
         return subprocess.call(cmd)
     from rlhf_engine.worker import run
 
-    run(recipe, resume=args.resume, process_start=args.process_start)
+    run(recipe, resume=args.resume, process_start=args.process_start, verbose=args.verbose)
     return 0
 
 
@@ -78,6 +78,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from rlhf_engine.report import write_report
+
+    print(f"report: {write_report(args.runs, args.out)}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-engine", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=1, help="ranks on this machine (>1 starts the deepspeed launcher)")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from the newest checkpoint of the run folder (auto) or from PATH")
+    p.add_argument("--verbose", action="store_true",
+                   help="keep the libraries' progress bars and warnings (default: one line per model)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("validate", help="check a recipe and print it resolved (exit code 2 on errors)")
@@ -105,6 +114,12 @@ def main(argv=None) -> int:
     p.add_argument("--private", action="store_true", help="create the hub repo private")
     p.add_argument("--revision", default=None, help="hub branch to push to (created if missing)")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("report", help="rebuild a run's report.md (several runs: one overlaid figure)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) (<output_dir>/<name>)")
+    p.add_argument("--out", default=None, help="folder for report.md and report.png (default: the run's folder; "
+                   "several runs: <first run's parent>/compare)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("presets", help="list the named model presets")
     p.set_defaults(fn=cmd_presets)

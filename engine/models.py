@@ -22,6 +22,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from rlhf_engine.config import ModelConfig
+from rlhf_engine.console import LoadReport, new_modules
 from rlhf_engine.backends import cpu as cpu_backend
 from rlhf_engine.presets import (PRESETS, cache_root, cached_folder, convert_gguf, gguf_cache_key, list_presets,
                             use_distinct_pad)
@@ -239,6 +240,7 @@ def load_policy(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtype: DTy
     ``for_training=False`` (reference model) returns it in eval mode with gradients off.
     With LoRA the result is a peft ``PeftModel`` whose only trainable parameters are the adapters.
     """
+    report = LoadReport(cfg.name_or_path)
     _check_attn(cfg)
     resolved = resolve_model_path(cfg, cache_dir)
     config = _model_config(cfg, resolved)
@@ -246,7 +248,10 @@ def load_policy(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtype: DTy
     if is_encoder(config) or not known_causal:
         raise ValueError(f"model.name_or_path '{cfg.name_or_path}' is a '{config.model_type}' model, not a causal "
                          "language model; the policy needs one (e.g. smollm2-135m-instruct or tiny-llama)")
-    model = AutoModelForCausalLM.from_pretrained(resolved.path, **_load_kwargs(cfg, resolved, dtype))
+    model, info = AutoModelForCausalLM.from_pretrained(resolved.path, output_loading_info=True,
+                                                       **_load_kwargs(cfg, resolved, dtype))
+    report.new_keys = new_modules(info.get("missing_keys"))
+    model.load_report = report  # printed in one line once the model's engine exists (console.report_model)
     _set_pad(model, load_tokenizer(cfg, cache_dir).pad_token_id)
     _contiguous_head_input(model)
     if not for_training:
@@ -266,21 +271,25 @@ def load_scalar_model(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtyp
     ``init_head_seed`` that head is the same on every rank and run (the caller's RNG is untouched).
     A saved ScalarModel (``hf_model.save_pretrained``) reloads its trained head.
     """
+    report = LoadReport(cfg.name_or_path)
     _check_attn(cfg)
     resolved = resolve_model_path(cfg, cache_dir)
     encoder = is_encoder(_model_config(cfg, resolved))
     with torch.random.fork_rng(devices=[], enabled=init_head_seed is not None):
         if init_head_seed is not None:
             torch.manual_seed(init_head_seed)
-        hf_model = AutoModelForSequenceClassification.from_pretrained(
-            resolved.path, num_labels=1, **_load_kwargs(cfg, resolved, dtype))
+        hf_model, info = AutoModelForSequenceClassification.from_pretrained(
+            resolved.path, num_labels=1, output_loading_info=True, **_load_kwargs(cfg, resolved, dtype))
+    report.new_keys = new_modules(info.get("missing_keys"))  # the value / score head of a causal-LM folder
     _set_pad(hf_model, load_tokenizer(cfg, cache_dir).pad_token_id)
     if cfg.gradient_checkpointing:
         hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
         hf_model = _lora(cfg, "SEQ_CLS", hf_model)  # SEQ_CLS keeps the head fully trainable
     cpu_backend.tune_model(hf_model)
-    return ScalarModel(hf_model, encoder=encoder)
+    scalar = ScalarModel(hf_model, encoder=encoder)
+    scalar.load_report = report
+    return scalar
 
 
 # --------------------------------------------------------------------------------------------

@@ -318,12 +318,14 @@ def load_model_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_
                       ) -> ModelReward:
     """Load the reward model of ``reward.model`` (via engine.models) and its tokenizer."""
     from rlhf_engine import models  # heavy (transformers); only the model reward needs it
+    from rlhf_engine.console import report_model
 
     kwargs = dict(reward_cfg.kwargs)
     _no_kwargs("model", kwargs, ("batch_size",))
     # fixed head seed: a backbone without a trained head still scores the same on every rank
     model = models.load_scalar_model(reward_cfg.model, cache_dir=cache_dir, init_head_seed=0)
     model.eval().requires_grad_(False)
+    report_model(model, zero_stage=0, trained=False)  # a full replica on every rank
     if device is not None:
         model.to(device)
     tokenizer = models.load_tokenizer(reward_cfg.model, cache_dir=cache_dir)

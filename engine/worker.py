@@ -12,12 +12,18 @@ import sys
 from rlhf_engine.config import Recipe, RecipeError, load_recipe
 
 
-def run(recipe: Recipe, resume: str | None = None, *, process_start: bool = False) -> dict:
+def run(recipe: Recipe, resume: str | None = None, *, process_start: bool = False, verbose: bool = False) -> dict:
     """Run the recipe's stage on this rank; the main rank prints the summary.
 
     ``process_start``: called from a process entry (CLI, launcher), so the CPU backend may re-execute
-    the process to get its allocator and huge pages (see rlhf_engine.backends.cpu)."""
+    the process to get its allocator and huge pages (see rlhf_engine.backends.cpu). ``verbose``: keep
+    the libraries' progress bars and warnings (otherwise one line per model, rlhf_engine.console)."""
     from rlhf_engine.backends import on_cpu
+
+    if not verbose:
+        from rlhf_engine.console import quiet_libraries
+
+        quiet_libraries()
 
     run_info: dict = {}
     if on_cpu():  # CPU tuning, once per run; never on GPU
@@ -53,11 +59,19 @@ def run(recipe: Recipe, resume: str | None = None, *, process_start: bool = Fals
 
 
 def _write_run_info(summary: dict, run_info: dict) -> None:
-    """run.json in the run folder: the precision chosen (and the probe's numbers), the CPU settings."""
+    """run.json in the run folder (the precision chosen and the probe's numbers, the CPU settings, the
+    summary numbers), then report.md from the folder's files (rlhf_engine.report)."""
     from pathlib import Path
 
-    if summary.get("run_dir") and Path(summary["run_dir"]).is_dir():
-        (Path(summary["run_dir"]) / "run.json").write_text(json.dumps(run_info, indent=1, default=str) + "\n")
+    from rlhf_engine.report import write_report
+
+    run_dir = Path(summary.get("run_dir") or "")
+    if not summary.get("run_dir") or not run_dir.is_dir():
+        return
+    numbers = {k: v for k, v in summary.items() if not k.startswith("samples_") and k not in run_info}
+    (run_dir / "run.json").write_text(json.dumps({**run_info, "summary": numbers}, indent=1, default=str) + "\n")
+    if (run_dir / "metrics.jsonl").exists():
+        summary["report"] = str(write_report([run_dir]))
 
 
 def _shutdown_process_group() -> None:
@@ -92,6 +106,8 @@ def print_summary(s: dict) -> None:
     print(f"run folder: {s.get('run_dir')}")
     if s.get("final_dir"):
         print(f"trained model (Hugging Face folder): {s['final_dir']}")
+    if s.get("report"):
+        print(f"report: {s['report']}")
     if s.get("plots"):
         print(f"plots: {', '.join(s['plots'])}")
     print(line, flush=True)
@@ -103,9 +119,11 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint folder")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("--verbose", action="store_true", help="keep library progress bars and warnings")
     args = parser.parse_args(argv)
     try:
-        run(load_recipe(args.recipe, args.overrides), resume=args.resume, process_start=argv is None)
+        run(load_recipe(args.recipe, args.overrides), resume=args.resume, process_start=argv is None,
+            verbose=args.verbose)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

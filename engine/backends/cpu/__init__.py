@@ -35,6 +35,7 @@ def start_run(cfg: CpuConfig, *, process_start: bool = False) -> dict:
     if process_start:
         process.prepare_process(cfg.allocator, cfg.transparent_huge_pages)  # returns only if nothing is missing
     kept = process.keep_freed_memory() if cfg.keep_freed_memory else False
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would detect, without its warning
     configure(cfg)
     info = {"allocator": process.loaded_allocator(),
             "transparent_huge_pages": os.environ.get(process.THP_ENV) == "1", "keep_freed_memory": kept}
