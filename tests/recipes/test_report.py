@@ -5,6 +5,7 @@ import json
 import shutil
 
 from rlhf_engine import cli
+from rlhf_engine.tracking import read_jsonl
 
 from helpers import REPO
 
@@ -33,6 +34,11 @@ def test_quiet_console_run_report_and_overlay(tmp_path, capfd, restore_env):
     assert "precision | " + info["precision"]["precision"] in report
     assert "**before training (step 0)**" in report and "**after training (step 2)**" in report
     assert "Write a sentence about cleaning the kitchen." in report  # the user turn, not the chat template
+
+    # every logged metric has a line in the README's glossary
+    glossary = (REPO / "README.md").read_text().split("### Metrics glossary", 1)[1].split("\n## ", 1)[0]
+    logged = {k for name in ("metrics.jsonl", "eval.jsonl") for row in read_jsonl(run / name) for k in row} - {"step"}
+    assert not [k for k in logged if f"`{k}`" not in glossary], "add these metrics to the README glossary"
 
     shutil.copytree(run, tmp_path / "other")
     (run / "report.md").unlink()
