@@ -7,7 +7,9 @@ source "file:line N" for errors) -> seeded shuffle -> ``limit`` -> field mapping
 A prompt is either plain text (column ``prompt``) or chat messages (column ``messages``: a list of
 {role, content}). For RL prompts and preference pairs the messages are the prompt (trailing assistant
 turns are removed); for SFT the last assistant message is the response. Responses are appended to the
-rendered prompt and end with the EOS token, so the model learns to stop.
+rendered prompt and end with the EOS token, so the model learns to stop. RL prompt rows may also carry
+``references`` (one string or a list: the texts a reward or metric compares the response with) and
+``meta`` (any JSON value, handed to rewards and metrics as is).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from rlhf_engine.config import DatasetConfig, RecipeError, read_utf8
 log = logging.getLogger(__name__)
 Messages = list[dict]
 Prompt = Union[str, Messages]
-OUR_FIELDS = "prompt, response, chosen, rejected, messages, margin"
+OUR_FIELDS = "prompt, response, chosen, rejected, messages, margin, references, meta"
 
 
 class DataError(RecipeError):
@@ -228,6 +230,33 @@ def _margin(row: Row, cfg: DatasetConfig) -> Optional[float]:
         raise _bad(row, cfg, "margin", "a number", f"is {_short(value)}") from None
 
 
+def _references(row: Row, cfg: DatasetConfig) -> list[str]:
+    """The row's reference texts: a string or a list of strings (CSV: a JSON list); [] when absent and unmapped."""
+    value = row.get(_column(cfg, "references"))
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    expected = "a non-empty string or a list of non-empty strings"
+    if value is None or value == "":
+        if "references" in cfg.fields:
+            raise _bad(row, cfg, "references", expected, "is missing")
+        return []
+    refs = [value] if isinstance(value, str) else value
+    if not (isinstance(refs, list) and refs and all(isinstance(t, str) and t.strip() for t in refs)):
+        raise _bad(row, cfg, "references", expected, f"is {_short(value)}")
+    return list(refs)
+
+
+def _meta(row: Row, cfg: DatasetConfig) -> Any:
+    """The row's meta data (any JSON value), None when absent; an explicitly mapped column must exist."""
+    value = row.get(_column(cfg, "meta"))
+    if _column(cfg, "meta") not in row and "meta" in cfg.fields:
+        raise _bad(row, cfg, "meta", "any value (e.g. an object)", "is missing")
+    return value
+
+
 # --------------------------------------------------------------------------------------------
 # chat template and tokenization
 _warned: set = set()
@@ -342,7 +371,8 @@ class _Items(Dataset):
 
 
 class PromptDataset(_Items):
-    """Items: {"input_ids": list[int], "prompt": rendered text, "raw": the user's own prompt text}."""
+    """Items: {"input_ids": list[int], "prompt": rendered text, "raw": the user's own prompt text,
+    "references": list[str] (may be empty), "meta": any JSON value or None}."""
 
 
 class PreferenceDataset(_Items):
@@ -395,7 +425,8 @@ def load_prompts(cfg: DatasetConfig, tokenizer, seed: int):
         if fit is None:
             return None
         text, ids, cut = fit
-        return {"input_ids": ids, "prompt": text, "raw": _own_text(prompt)}, cut
+        return {"input_ids": ids, "prompt": text, "raw": _own_text(prompt), "references": _references(row, cfg),
+                "meta": _meta(row, cfg)}, cut
 
     return _load(cfg, seed, make, PromptDataset)
 
@@ -478,9 +509,11 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
 
 def collate_prompts(items: list[dict], pad_id: int) -> dict:
     """-> {"input_ids": [B, P] LEFT padded (generation continues from the right edge),
-    "attention_mask": [B, P], "prompts": list[str] rendered prompts}."""
+    "attention_mask": [B, P], "prompts": list[str] rendered prompts, "references": list[list[str]],
+    "meta": list}."""
     ids, mask = _pad([it["input_ids"] for it in items], pad_id, left=True)
-    return {"input_ids": ids, "attention_mask": mask, "prompts": [it["prompt"] for it in items]}
+    return {"input_ids": ids, "attention_mask": mask, "prompts": [it["prompt"] for it in items],
+            "references": [it.get("references", []) for it in items], "meta": [it.get("meta") for it in items]}
 
 
 def collate_pairs(items: list[dict], pad_id: int) -> dict:

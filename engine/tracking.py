@@ -145,6 +145,20 @@ def plot_metrics(run_dir: Path, keys: Optional[list[str]] = None) -> list[Path]:
         fig.savefig(path)
         plt.close(fig)
         written.append(path)
+    parts = sorted({k for r in rows for k in r if k.startswith("reward/") and k != "reward/mean"})
+    if parts:  # several rewards: one figure with each part's curve
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        for key in parts:
+            ax.plot([r["step"] for r in rows if r.get(key) is not None],
+                    [r[key] for r in rows if r.get(key) is not None], label=key[len("reward/"):])
+        ax.set_xlabel("step")
+        ax.set_title("rewards")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "reward_parts.png")
+        plt.close(fig)
+        written.append(out_dir / "reward_parts.png")
     return written
 
 
