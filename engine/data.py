@@ -14,6 +14,7 @@ rendered prompt and end with the EOS token, so the model learns to stop. RL prom
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch.utils.data import Dataset
 
-from rlhf_engine.config import DatasetConfig
+from rlhf_engine.config import DatasetConfig, RecipeError, read_utf8
 
 log = logging.getLogger(__name__)
 Messages = list[dict]
@@ -33,7 +34,7 @@ Prompt = Union[str, Messages]
 OUR_FIELDS = "prompt, response, chosen, rejected, messages, margin, references, meta"
 
 
-class DataError(ValueError):
+class DataError(RecipeError):
     """Bad data or data settings; the message names the file and line (or recipe key) and the fix."""
 
 
@@ -55,10 +56,12 @@ class DataReport:
     dropped_too_long: int
     truncated: int
     eval_rows: int
+    dropped_identical: int = 0  # preference pairs whose chosen == rejected (no preference to learn)
 
     def __str__(self) -> str:
         return (f"{self.rows} rows read, {self.kept} kept ({self.kept - self.eval_rows} train / {self.eval_rows} eval), "
-                f"{self.dropped_too_long} dropped as too long, {self.truncated} truncated")
+                f"{self.dropped_too_long} dropped as too long, {self.truncated} truncated"
+                + (f", {self.dropped_identical} dropped with chosen == rejected" if self.dropped_identical else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,21 +74,20 @@ def _as_row(obj: Any, source: str) -> Row:
 
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:line {n}: not valid JSON ({e.msg}); each line must hold one JSON object") from None
-            rows.append(_as_row(obj, f"{path}:line {n}"))
+    for n, line in enumerate(read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:line {n}: not valid JSON ({e.msg}); each line must hold one JSON object") from None
+        rows.append(_as_row(obj, f"{path}:line {n}"))
     return rows
 
 
 def _read_json(path: Path) -> list[Row]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON lines saved with a .json name
             return _read_jsonl(path)
@@ -98,9 +100,9 @@ def _read_json(path: Path) -> list[Row]:
 
 
 def _read_csv(path: Path) -> list[Row]:
-    with open(path, newline="", encoding="utf-8") as f:
-        # data row i sits on line i + 1 (the header is line 1)
-        return [Row(rec, f"{path}:line {i + 1}") for i, rec in enumerate(csv.DictReader(f), 1)]
+    # data row i sits on line i + 1 (the header is line 1)
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+    return [Row(rec, f"{path}:line {i + 1}") for i, rec in enumerate(reader, 1)]
 
 
 def _read_parquet(path: Path) -> list[Row]:
@@ -437,9 +439,14 @@ def load_preferences(cfg: DatasetConfig, tokenizer, seed: int):
     """Preference pairs (prompt, chosen, rejected, optional margin) ->
     (train PreferenceDataset, eval PreferenceDataset or None, DataReport)."""
 
+    identical = []
+
     def make(row: Row):
         prompt = _prompt(row, cfg)
         chosen, rejected = _text(row, cfg, "chosen"), _text(row, cfg, "rejected")
+        if chosen == rejected:
+            identical.append(row.source)
+            return None
         margin = _margin(row, cfg)
         fit = _fit_prompt(tokenizer, cfg, prompt, _prompt_budget(cfg))
         if fit is None:
@@ -453,7 +460,12 @@ def load_preferences(cfg: DatasetConfig, tokenizer, seed: int):
                 "prompt": text, "margin": margin}
         return item, cut or c[1] or r[1]
 
-    return _load(cfg, seed, make, PreferenceDataset)
+    train, held, report = _load(cfg, seed, make, PreferenceDataset)
+    if identical:
+        report.dropped_too_long -= len(identical)
+        report.dropped_identical = len(identical)
+        log.warning("%s: %d pairs dropped with chosen == rejected (first: %s)", cfg.path, len(identical), identical[0])
+    return train, held, report
 
 
 def load_sft(cfg: DatasetConfig, tokenizer, seed: int):
@@ -520,8 +532,9 @@ def collate_sft(items: list[dict], pad_id: int, pack: bool = False, max_length: 
     shifts them) with -100 on prompt tokens and padding.
 
     ``pack=True`` concatenates consecutive sequences into rows of at most ``max_length`` tokens (B = rows)
-    and adds "position_ids" [B, L] restarting at 0 for each sequence. The attention mask is all ones inside
-    a row, so only attention kernels that read position_ids (flash_attention_2) keep sequences apart.
+    and adds "position_ids" [B, L] restarting at 0 for each sequence. The attention mask only marks padding:
+    SFT calls the model with the position ids and no attention mask (engine/sft.py), and transformers then
+    builds a block-diagonal causal mask from them, so packed sequences stay apart with any attention kernel.
     """
     if not pack:
         ids, mask = _pad([it["input_ids"] for it in items], pad_id, left=False)

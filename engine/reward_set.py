@@ -132,18 +132,22 @@ class RewardSet:
         return self.sentence_parts(prompts, responses, references, meta)[0]
 
 
-def build_reward_set(rewards: list[RewardConfig], *, policy_tokenizer=None, cache_dir=None, device=None) -> RewardSet:
-    """A RewardSet of the recipe's reward list (or single reward)."""
+def build_reward_set(rewards: list[RewardConfig], *, policy_tokenizer=None, cache_dir=None, device=None,
+                     frozen=None) -> RewardSet:
+    """A RewardSet of the recipe's reward list (or single reward); ``frozen``: see rewards.load_model_reward."""
     members = [(cfg.label, cfg.weight, cfg.dense,
-                build_reward(cfg, policy_tokenizer=policy_tokenizer, cache_dir=cache_dir, device=device))
+                build_reward(cfg, policy_tokenizer=policy_tokenizer, cache_dir=cache_dir, device=device,
+                             frozen=frozen))
                for cfg in rewards]
     return RewardSet(members, tokenizer=policy_tokenizer)
 
 
-def build_recipe_reward(recipe: Recipe, *, policy_tokenizer=None, device=None):
+def build_recipe_reward(recipe: Recipe, *, policy_tokenizer=None, device=None, frozen=None):
     """The RL run's reward: a single ``type: model`` reward stays a plain ModelReward (token ids in, a
     backbone shared with the reference); anything else becomes a RewardSet (parts logged, dense rewards)."""
     cfgs = recipe.reward_configs()
     if len(cfgs) == 1 and cfgs[0].type == "model":
-        return build_reward(cfgs[0], policy_tokenizer=policy_tokenizer, cache_dir=recipe.cache_dir, device=device)
-    return build_reward_set(cfgs, policy_tokenizer=policy_tokenizer, cache_dir=recipe.cache_dir, device=device)
+        return build_reward(cfgs[0], policy_tokenizer=policy_tokenizer, cache_dir=recipe.cache_dir, device=device,
+                            frozen=frozen)
+    return build_reward_set(cfgs, policy_tokenizer=policy_tokenizer, cache_dir=recipe.cache_dir, device=device,
+                            frozen=frozen)

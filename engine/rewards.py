@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from rlhf_engine.config import RewardConfig
+from rlhf_engine.config import RecipeError, RewardConfig
 
 SAMPLE_CHARS = 200  # how much of a prompt / response an error message shows
 
@@ -103,7 +103,7 @@ class RewardFunction:
 def _no_kwargs(name: str, kwargs: dict, allowed: tuple = ()) -> None:
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise ValueError(f"reward.kwargs {unknown} are not used by reward.type '{name}'; "
+        raise RecipeError(f"reward.kwargs {unknown} are not used by reward.type '{name}'; "
                          f"allowed: {list(allowed) or 'none'}")
 
 
@@ -160,7 +160,7 @@ def load_function(spec: str) -> Callable:
     """'package.module:function' (importable from the working dir / PYTHONPATH) or 'path/to/file.py:function'."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward.function {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
+        raise RecipeError(f"reward.function {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
     try:
         if module_name.endswith(".py") or "/" in module_name:
             path = Path(module_name).expanduser().resolve()
@@ -171,16 +171,18 @@ def load_function(spec: str) -> Callable:
             mod_spec.loader.exec_module(module)
         else:
             if "" not in sys.path and str(Path.cwd()) not in sys.path:
-                sys.path.insert(0, str(Path.cwd()))  # 'module:function' next to where the run starts
+                # after site-packages: a module next to the run, never shadowing an installed package (a
+                # checkout's kernels/ folder would shadow Hugging Face's `kernels`)
+                sys.path.append(str(Path.cwd()))
             module = importlib.import_module(module_name)
     except Exception as e:
-        raise ValueError(f"reward.function {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); "
+        raise RecipeError(f"reward.function {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); "
                          "give a module importable from the working directory or PYTHONPATH, or a file "
                          "path like path/to/file.py:function") from e
     fn = getattr(module, attr, None)
     if not callable(fn):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        raise ValueError(f"reward.function {spec!r}: {module_name!r} has no function {attr!r}; "
+        raise RecipeError(f"reward.function {spec!r}: {module_name!r} has no function {attr!r}; "
                          f"callables there: {', '.join(names) or 'none'}")
     return fn
 
@@ -244,7 +246,8 @@ class ModelReward(RewardFunction):
             mask = attention_mask[start:start + self.batch_size]
             if self.device is not None:
                 ids, mask = ids.to(self.device), mask.to(self.device)
-            out.append(self.model.scores(ids, mask).float().cpu())
+            # through forward (ScalarModel.forward = scores), so a DeepSpeed engine wraps the call
+            out.append(self.model(ids, mask).float().cpu())
         return torch.cat(out)
 
     def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,24 +337,38 @@ class ModelReward(RewardFunction):
         return raw * self.scale
 
 
-def load_model_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None
-                      ) -> ModelReward:
-    """Load the reward model of ``reward.model`` (via engine.models) and its tokenizer."""
+def load_model_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None,
+                      frozen=None) -> ModelReward:
+    """Load the reward model of ``reward.model`` (via engine.models) and its tokenizer.
+
+    ``frozen=(recipe, sizes)`` builds it as a frozen DeepSpeed model under the reference's rules
+    (``distributed.build_frozen``: ZeRO-3 partitioned at construction when the recipe's frozen stage is 3,
+    optional parameter offload); without it the whole model is moved to ``device``.
+    """
     from rlhf_engine import models  # heavy (transformers); only the model reward needs it
+    from rlhf_engine.console import report_model
 
     kwargs = dict(reward_cfg.kwargs)
     _no_kwargs("model", kwargs, ("batch_size",))
     # fixed head seed: a backbone without a trained head still scores the same on every rank
-    model = models.load_scalar_model(reward_cfg.model, cache_dir=cache_dir, init_head_seed=0)
-    model.eval().requires_grad_(False)
-    if device is not None:
-        model.to(device)
+    load = lambda: models.load_scalar_model(reward_cfg.model, cache_dir=cache_dir, init_head_seed=0)  # noqa: E731
+    if frozen is not None:
+        from rlhf_engine.distributed import build_frozen
+
+        model = build_frozen(load, *frozen)
+    else:
+        model = load()
+        model.eval().requires_grad_(False)
+        if device is not None:
+            model.to(device)
+        report_model(model, zero_stage=0, trained=False)  # a full replica on every rank
     tokenizer = models.load_tokenizer(reward_cfg.model, cache_dir=cache_dir)
     return ModelReward(model, tokenizer, policy_tokenizer=policy_tokenizer, name=f"model {reward_cfg.model.name_or_path}",
                        scale=reward_cfg.scale, device=device, **kwargs)
 
 
-def build_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None) -> RewardFunction:
+def build_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None,
+                 frozen=None) -> RewardFunction:
     """The reward a recipe's ``reward`` section describes; ``reward.scale`` multiplies every score."""
     kind, kwargs, scale = reward_cfg.type, dict(reward_cfg.kwargs), reward_cfg.scale
     if kind == "sentiment":
@@ -363,7 +380,8 @@ def build_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=N
     if kind == "callable":
         return CallableReward(reward_cfg.function, kwargs, scale=scale)
     if kind == "model":
-        return load_model_reward(reward_cfg, policy_tokenizer=policy_tokenizer, cache_dir=cache_dir, device=device)
+        return load_model_reward(reward_cfg, policy_tokenizer=policy_tokenizer, cache_dir=cache_dir, device=device,
+                                 frozen=frozen)
     if kind == "metric":
         from rlhf_engine.reward_set import MetricReward
 
