@@ -9,6 +9,7 @@ for a misspelled key, the closest valid one.
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -23,7 +24,7 @@ TrainPrecision = Literal["fp32", "bf16", "fp16", "bf16_autocast"]
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are rejected, values are not coerced silently."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), strict=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,6 +55,9 @@ class ModelConfig(Section):
                           "the CPUs measured, same float32 math); no effect on other dtypes or devices.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it).")
     lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters instead of all weights.")
+    context_start_token: Optional[int] = Field(
+        None, ge=0, description="Encoder-decoder models only: token id the decoder starts from (RL4LMs' name); "
+                                "default the model config's decoder_start_token_id.")
 
 
 class CriticConfig(Section):
@@ -67,9 +71,34 @@ class CriticConfig(Section):
                           "default: all weights, whatever model.lora says.")
 
 
+class RemoteRewardSection(Section):
+    """How a `type: remote` reward talks to its server (OpenRLHF's protocol, see docs/rewards.md)."""
+
+    batch_size: int = Field(64, gt=0, description="Samples per POST request.")
+    max_concurrency: int = Field(4, gt=0, description="Requests in flight at once.")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for one response before retrying.")
+    retries: int = Field(3, ge=0, description="Retries of a failed request (timeout, connection error, HTTP 5xx).")
+    backoff_s: float = Field(0.5, ge=0, description="First retry waits this long; each next retry waits twice as long.")
+
+
 class RewardConfig(Section):
-    type: Literal["model", "callable", "sentiment", "length"] = Field(
-        ..., description="Learned reward model, a Python callable, or a built-in judge.")
+    type: Literal["model", "callable", "sentiment", "length", "remote", "metric"] = Field(
+        ..., description="Learned reward model, a Python callable, a built-in judge, a reward server (remote), "
+                         "or an evaluation metric against the references (metric).")
+    name: Optional[str] = Field(
+        None, description="Name in the logs (metrics key reward/<name>); default: the metric name or the type.")
+    weight: float = Field(1.0, description="Weight of this reward in the sum when `reward` is a list.")
+    metric: Optional[str] = Field(
+        None, description="type metric: registry name (rouge, bleu, chrf, meteor, bertscore, increasing_numbers, "
+                          "dates, ...); reward.kwargs go to the metric.")
+    metric_key: Optional[str] = Field(
+        None, description="type metric: which per-sample value is the reward (e.g. rouge2); default: the metric's main one.")
+    dense: bool = Field(
+        False, description="Give this reward per token: r_t = f(response[:t+1]) - f(response[:t]) with f('') = 0, "
+                           "so the tokens' rewards add up to the sentence score.")
+    url: Optional[str] = Field(None, description="type remote: the reward server's URL (POST, OpenRLHF's protocol).")
+    remote: RemoteRewardSection = Field(default_factory=RemoteRewardSection,
+                                        description="type remote: batching, concurrency, timeout and retries.")
     model: Optional[ModelConfig] = Field(None, description="Reward model (type: model): backbone + scalar head.")
     function: Optional[str] = Field(
         None, description="'module:function' (type: callable) taking (prompts, responses) -> list of floats.")
@@ -85,7 +114,23 @@ class RewardConfig(Section):
             raise ValueError("reward.type 'model' needs reward.model (name_or_path: ...)")
         if self.type == "callable" and not (self.function and ":" in self.function):
             raise ValueError("reward.type 'callable' needs reward.function as 'module:function'")
+        if self.type == "remote" and not (self.url and self.url.startswith(("http://", "https://"))):
+            raise ValueError("reward.type 'remote' needs reward.url: http://host:port/path")
+        if self.type == "metric" and not self.metric:
+            raise ValueError("reward.type 'metric' needs reward.metric (a metric name, e.g. rouge)")
+        if self.type != "metric" and (self.metric or self.metric_key):
+            raise ValueError("reward.metric / reward.metric_key are only read by reward.type 'metric'")
+        if self.type != "remote" and self.url:
+            raise ValueError("reward.url is only read by reward.type 'remote'")
+        if self.dense and self.type in ("model", "remote"):
+            raise ValueError(f"reward.dense: a '{self.type}' reward scores whole responses only (one call per token "
+                             "prefix would be too slow); use dense with callable, built-in or metric rewards")
         return self
+
+    @property
+    def label(self) -> str:
+        """The name this reward is logged under."""
+        return self.name or self.metric or self.type
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +141,8 @@ class DatasetConfig(Section):
     split: str = Field("train", description="`datasets` split to read.")
     fields: dict[str, str] = Field(
         default_factory=dict,
-        description="Map our field names (prompt, response, chosen, rejected, messages, margin) to columns.")
+        description="Map our field names (prompt, response, chosen, rejected, messages, margin, references, meta) "
+                    "to columns.")
     chat_template: bool = Field(True, description="Apply the tokenizer's chat template to plain-text prompts.")
     system_prompt: Optional[str] = Field(None, description="System message added before chat prompts.")
     max_prompt_length: int = Field(256, gt=0, description="Prompt token budget.")
@@ -134,7 +180,7 @@ class DeepSpeedSection(Section):
 class OptimConfig(Section):
     lr: float = Field(1e-6, gt=0, description="Peak learning rate (actor / trained model).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.95), strict=False, description="AdamW betas (a YAML list of two).")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
@@ -149,7 +195,9 @@ class TrainConfig(Section):
     scoring_batch_size: Optional[int] = Field(
         None, gt=0, description="Sequences per no-grad scoring forward on one rank (reference, reward, old "
         "log-probs and values; no activations are kept, so it can exceed micro_batch_size). Default: micro_batch_size.")
-    epochs: int = Field(1, gt=0, description="Passes over the data (supervised) / cap for RL prompt passes.")
+    epochs: Optional[int] = Field(
+        None, gt=0, description="Stop after this many passes over the training rows (RL: prompts), or at train.steps, "
+        "whichever comes first (each pass drops its ragged tail). Default: no cap, train.steps alone.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
     eval_size: int = Field(16, ge=0, description="Held-out prompts scored at each evaluation.")
 
@@ -171,6 +219,44 @@ class GenerationSection(Section):
     attn_implementation: Optional[Literal["sdpa", "eager", "flash_attention_2"]] = Field(
         None, description="Attention kernel while generating (default: the model's). On CPU: train eager, "
         "generate sdpa.")
+
+
+class MetricConfig(Section):
+    name: str = Field(..., description="Metric registry name (rouge, bleu, chrf, meteor, bertscore, diversity, "
+                                       "perplexity, increasing_numbers, dates, ...).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the metric.")
+
+
+class EvalSection(Section):
+    """Evaluation of held-out prompts (data's eval split, every train.eval_every steps and at the end) and of
+    an optional test split (before and after training)."""
+
+    generation: Optional[GenerationSection] = Field(
+        None, description="Sampling for evaluation (e.g. do_sample: false for greedy); default: the rollout's "
+                          "`generation`. dtype / attn_implementation follow `generation`.")
+    metrics: list[Union[str, MetricConfig]] = Field(
+        default_factory=list, description="Metrics of the responses against the references, corpus-level and per "
+                                          "sample, logged to eval.jsonl (names or {name, kwargs}).")
+    test_data: Optional[DatasetConfig] = Field(
+        None, description="Test split (all its rows): generated and scored before and after training.")
+    save_predictions: bool = Field(
+        True, description="Write predictions/<split>-step-<N>.jsonl: prompt, response, references, meta, score and "
+                          "per-sample metrics.")
+
+    @model_validator(mode="after")
+    def _gen_follows(self):
+        g = self.generation
+        if g is not None and (g.dtype is not None or g.attn_implementation is not None):
+            raise ValueError("eval.generation.dtype / attn_implementation: set them in `generation` (the generation "
+                             "engine is shared by rollouts and evaluation)")
+        t = self.test_data
+        if t is not None and (t.eval_fraction > 0 or t.eval_size):
+            raise ValueError("eval.test_data.eval_fraction / eval_size: every row of the test split is evaluated; "
+                             "use limit to evaluate fewer")
+        return self
+
+    def metric_configs(self) -> list[MetricConfig]:
+        return [MetricConfig(name=m) if isinstance(m, str) else m for m in self.metrics]
 
 
 GROUP_ALGORITHMS = ("grpo", "rloo", "dr_grpo", "reinforce++-baseline")  # baselines over a prompt's group
@@ -201,8 +287,11 @@ class PPOConfig(Section):
     normalize_rewards: bool = Field(False, description="Scale scores by a running std.")
     score_clip: Optional[float] = Field(None, gt=0, description="Clip sequence scores to [-c, c].")
     missing_eos_penalty: Optional[float] = Field(None, description="Added to the score of responses with no EOS.")
-    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="Keep an EMA copy of the actor.")
-    ptx_coef: float = Field(0.0, ge=0, description="Weight of the pretraining (SFT) loss mixed into updates.")
+    ema_decay: Optional[float] = Field(
+        None, gt=0, lt=1, description="Keep an exponential moving average of the actor's weights (updated after "
+        "each RL step, checkpointed, evaluated as ema/* in eval.jsonl, exported with `export --ema`).")
+    ptx_coef: float = Field(0.0, ge=0, description="Weight of the language-model loss on ptx_data rows added to "
+                            "every actor update (InstructGPT's PPO-ptx; 0 = off).")
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = Field(
         "token-mean", description="How per-token policy losses become one number: mean over tokens, mean of "
         "per-response means, mean of per-response sums, or those sums / max_new_tokens (Dr.GRPO).")
@@ -318,9 +407,11 @@ class Recipe(Section):
     model: ModelConfig = Field(..., description="The trained model (actor for RL).")
     reference: Optional[ModelConfig] = Field(None, description="Reference model; default: a frozen actor copy.")
     critic: CriticConfig = Field(default_factory=CriticConfig, description="PPO critic (value model).")
-    reward: Optional[RewardConfig] = Field(None, description="Reward for RL.")
+    reward: Optional[Union[RewardConfig, list[RewardConfig]]] = Field(
+        None, description="Reward for RL; a list is a weighted sum (each reward logged as reward/<name>).")
+    eval: EvalSection = Field(default_factory=EvalSection, description="RL evaluation: generation, metrics, test split.")
     data: DatasetConfig = Field(..., description="Training data (prompts for RL, pairs for reward, SFT rows).")
-    ptx_data: Optional[DatasetConfig] = Field(None, description="SFT rows for the ptx loss.")
+    ptx_data: Optional[DatasetConfig] = Field(None, description="SFT rows (prompt + response) for ppo.ptx_coef.")
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="ZeRO and precision.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and LR schedule.")
     train: TrainConfig = Field(..., description="Steps and batch sizes.")
@@ -341,10 +432,25 @@ class Recipe(Section):
             raise ValueError("stage 'rl' needs a reward section")
         if self.ppo.ptx_coef > 0 and self.ptx_data is None:
             raise ValueError("ppo.ptx_coef > 0 needs ptx_data")
+        if isinstance(self.reward, list):
+            if not self.reward:
+                raise ValueError("reward: an empty list; give at least one reward")
+            labels = [r.label for r in self.reward]
+            dup = sorted({n for n in labels if labels.count(n) > 1})
+            if dup:
+                raise ValueError(f"reward: several rewards are named {dup}; give each a distinct reward.name")
+        if any(r.label == "mean" for r in self.reward_configs()):
+            raise ValueError("reward.name 'mean' is taken (metrics key reward/mean is the shaped reward); pick another")
         if (self.ppo.old_logprobs == "generation" or self.ppo.rollout_correction != "none") and self.generation.stop_strings:
             raise ValueError("ppo.old_logprobs: generation and ppo.rollout_correction need the log-probs of the engine's "
                              "own decode loop, but generation.stop_strings samples with HF generate(); drop one")
         return self
+
+    def reward_configs(self) -> list[RewardConfig]:
+        """The reward section as a list (one entry for a single reward)."""
+        if self.reward is None:
+            return []
+        return list(self.reward) if isinstance(self.reward, list) else [self.reward]
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,6 +493,19 @@ def derive_batch_sizes(recipe: Recipe, world_size: int) -> BatchSizes:
 
 # --------------------------------------------------------------------------------------------
 # loading and errors
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-3` (no dot) as a string; recipes read it as the number it means (as YAML 1.2 does),
+    so strict types need no quoting rules."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 class RecipeError(ValueError):
     """A recipe problem, with a message meant for the user (file, key, expectation, fix)."""
 
@@ -429,7 +548,7 @@ def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int], o
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in (
             "list[str]", "literal['all-linear']", "ModelConfig", "LoraConfig", "WandbConfig", "DatasetConfig",
-            "RewardConfig"))))
+            "RewardConfig", "list[RewardConfig]", "GenerationSection", "MetricConfig", "str"))))
         key = ".".join(str(p) for p in loc) or "(top level)"
         where = f"--set {key}" if loc in overridden else source
         if loc in lines and loc not in overridden:
@@ -458,7 +577,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.steps=10")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise RecipeError(f"--set {key}: value {raw!r} is not valid YAML ({e})") from None
     return key.strip().split("."), value
@@ -481,14 +600,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> set[tuple]:
     return touched
 
 
+def read_utf8(path: Union[str, Path]) -> str:
+    """A text file's contents; RecipeError naming the file and line of the first bytes that are not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise RecipeError(f"{path}, line {line}: bytes {raw[e.start:e.end]!r} are not UTF-8 text; save the file "
+                          "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
 def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:
     """Read, override and validate a recipe. Raises RecipeError with a user-facing message."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    text = path.read_text()
+    text = read_utf8(path)
     try:
-        data = yaml.safe_load(text)
+        data = _yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -504,7 +634,7 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     except ValidationError as e:
         raise RecipeError(_format_errors(e, str(path), _key_lines(text), touched)) from None
     # data paths are relative to the recipe file, so a recipe runs from any working directory
-    for ds in (recipe.data, recipe.ptx_data):
+    for ds in (recipe.data, recipe.ptx_data, recipe.eval.test_data):
         if ds is not None and not Path(ds.path).is_absolute() and (path.parent / ds.path).exists():
             ds.path = str((path.parent / ds.path).resolve())
     return recipe

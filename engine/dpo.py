@@ -165,10 +165,10 @@ class DPOTask:
         return {k: float(v / n) for k, v in sums.items() if k != "pairs"}
 
 
-def train_dpo(recipe: Recipe, dist: Optional[DistInfo] = None) -> dict:
+def train_dpo(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[str] = None) -> dict:
     """Run the DPO stage of ``recipe`` (see engine.supervised.train_supervised for the summary)."""
     from rlhf_engine.distributed import init_distributed
     from rlhf_engine.supervised import train_supervised
 
     dist = dist or init_distributed(recipe.num_threads)
-    return train_supervised(recipe, dist, DPOTask(recipe, dist))
+    return train_supervised(recipe, dist, DPOTask(recipe, dist), resume=resume)

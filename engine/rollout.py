@@ -6,6 +6,7 @@ Shapes (B = local sequences, P = padded prompt length, R = padded response lengt
     logprobs / ref_logprobs       [B, R]  float32, log pi(token_t | prefix) at temperature T
     values                        [B, R]  float32, critic value of the state before token_t
     scores                        [B]     float32, sequence reward
+    dense_rewards                 [B, R]  float32, per-token rewards of `dense` rewards (None without any)
 Every per-token tensor is aligned with `response_ids`; positions where response_mask == 0 hold 0.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from rlhf_engine import kernels
+from rlhf_engine import kernels, seq2seq
 from rlhf_engine.config import GenerationSection
 
 
@@ -32,6 +33,11 @@ class Rollout:
     ref_logprobs: Optional[torch.Tensor] = None  # [B, R]
     values: Optional[torch.Tensor] = None  # [B, R]
     scores: Optional[torch.Tensor] = None  # [B]
+    references: Optional[list] = None  # [B] list[str] each: the dataset row's reference texts (may be empty)
+    meta: Optional[list] = None  # [B] the dataset row's meta value (any JSON value or None)
+    dense_rewards: Optional[torch.Tensor] = None  # [B, R] per-token rewards of dense rewards (added when shaping)
+    reward_parts: Optional[dict] = None  # {reward name: [B]} each reward's own value (a list of rewards)
+    reward_extra: Optional[dict] = None  # {name/key: float} batch means of reward servers' extra_logs
     gen_logprobs: Optional[torch.Tensor] = None  # [B, R] log-probs the generation sampled with (temperature T)
     allowed: Optional[torch.Tensor] = None  # [B, R, V] bool, NLPO: tokens the mask model allowed at each step
 
@@ -52,6 +58,8 @@ class Rollout:
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
                 out[f.name] = v[idx]
+            elif isinstance(v, dict) and f.name == "reward_parts":
+                out[f.name] = {k: t[idx] for k, t in v.items()}
             elif isinstance(v, list):
                 ids = idx.tolist() if isinstance(idx, torch.Tensor) else list(range(len(v)))[idx]
                 out[f.name] = [v[i] for i in ids]
@@ -160,7 +168,11 @@ def _hf_generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, gen: G
         kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    return model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+    skip = ids.shape[1]
+    if seq2seq.is_seq2seq(model):  # encoder inputs; the output starts with the decoder start token
+        ids, mask, start, skip = seq2seq.hf_generate_inputs(model, ids, mask)
+        kwargs.update(start)
+    return model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, skip:]
 
 
 def _needs_synced_steps(model) -> bool:
@@ -299,6 +311,8 @@ def _decode_steps(model, prompt_ids: torch.Tensor, mask: torch.Tensor, gen: Gene
     from rlhf_engine.decode import FusedDecoder
 
     B, P = prompt_ids.shape
+    if seq2seq.is_seq2seq(model):
+        return seq2seq.decode_steps(model, prompt_ids, mask)
     if gen.fused_decode:
         why_not = FusedDecoder.why_unsupported(model)
         if why_not is None:
@@ -336,7 +350,15 @@ def forward_logprobs(model: Callable, input_ids: torch.Tensor, attention_mask: t
     [B, L, V] float32 tensor exists. `hidden_out`: a list that receives the backbone's final
     hidden states [B, L, H] (a reward head sharing this backbone reads them). `allowed` [B, R, V]
     bool (NLPO): log-probs of the distribution renormalised over those tokens.
+    Encoder-decoder models: `input_ids` is prompt + response as well (engine/seq2seq.py splits it).
     """
+    if seq2seq.is_seq2seq(model):
+        if hidden_out is not None:
+            raise ValueError("a reward model cannot share an encoder-decoder reference's backbone")
+        if allowed is not None:
+            raise ValueError("NLPO's masked policy is implemented for causal LMs only")
+        return seq2seq.forward_logprobs(model, input_ids, attention_mask, response_len, temperature,
+                                        return_entropy=return_entropy)
     hook = None
     if hidden_out is not None:
         backbone = getattr(model, "module", model).base_model
@@ -363,6 +385,9 @@ def forward_values(critic: Callable, input_ids: torch.Tensor, attention_mask: to
 
     `critic` is an engine.models.ScalarModel or a DeepSpeed engine wrapping one (forward, so ZeRO hooks run).
     """
+    if seq2seq.is_seq2seq(critic):  # values on the decoder states (engine/seq2seq.py)
+        return critic(input_ids=input_ids, attention_mask=attention_mask, per_token=True,
+                      response_len=response_len).float()
     values = critic(input_ids=input_ids, attention_mask=attention_mask,
                     position_ids=position_ids_from_mask(attention_mask), per_token=True)
     return values[:, -response_len - 1:-1].float()

@@ -17,16 +17,20 @@ import torch
 
 from rlhf_engine import kernels
 from rlhf_engine import rl
-from rlhf_engine.checkpoint import CheckpointManager
+from rlhf_engine.checkpoint import CheckpointManager, prepare_run_dir
 from rlhf_engine.config import Recipe, derive_batch_sizes
 from rlhf_engine.data import collate_prompts, load_prompts
 from rlhf_engine.distributed import (DistInfo, barrier, create_frozen_engine, create_train_engine,
                                 ds_config, init_distributed, unwrap, zero_init_context)
+from rlhf_engine.ema import EmaActor, evaluate_ema
 from rlhf_engine.hybrid import HybridEngine
 from rlhf_engine.models import dtype_of, load_policy, load_scalar_model, load_tokenizer
-from rlhf_engine.rewards import build_reward, check_scores
+from rlhf_engine.evaluation import Evaluator
+from rlhf_engine.ptx import PtxMixer
+from rlhf_engine.reward_set import RewardSet, build_recipe_reward
+from rlhf_engine.rewards import check_scores
 from rlhf_engine.rollout import Rollout, concat_rollouts, forward_logprobs, forward_values, generate, micro_batched
-from rlhf_engine.tracking import Tracker, archive_previous_run, plot_metrics, run_dir_for
+from rlhf_engine.tracking import Tracker, plot_metrics, run_dir_for
 
 
 class PromptSampler:
@@ -114,9 +118,10 @@ def critic_model_config(recipe: Recipe):
     if src == "actor":
         return recipe.model.model_copy(update=update)
     if src == "reward":
-        if recipe.reward is None or recipe.reward.model is None:
-            raise ValueError("critic.init_from 'reward' needs reward.type 'model' with reward.model set")
-        return recipe.reward.model.model_copy(update=update)
+        model_rewards = [r for r in recipe.reward_configs() if r.type == "model"]
+        if len(model_rewards) != 1:
+            raise ValueError("critic.init_from 'reward' needs exactly one reward of type 'model' with reward.model set")
+        return model_rewards[0].model.model_copy(update=update)
     return recipe.model.model_copy(update={"name_or_path": src, "gguf_file": None, **update})
 
 
@@ -134,23 +139,19 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
     ppo, gen, tcfg = recipe.ppo, recipe.generation, recipe.train
     torch.manual_seed(recipe.seed)  # identical initialisation on every rank
     run_dir = run_dir_for(recipe)
-    if dist.is_main and not resume:
-        moved = archive_previous_run(run_dir)
-        if moved:
-            print(f"[run] an earlier run in {run_dir} was moved to {moved}", flush=True)
-    barrier()
-    tracker = Tracker(recipe, run_dir, is_main=dist.is_main, total_steps=tcfg.steps)
 
     # ---- build: tokenizer, data, models, reward, KL controller ---------------------------------
     tokenizer = load_tokenizer(recipe.model, recipe.cache_dir)
     train_ds, eval_ds, report = load_prompts(recipe.data, tokenizer, recipe.seed)
     if dist.is_main:
         print(f"[data] {recipe.data.path}: {report}", flush=True)
+    tcfg = _steps_capped_by_epochs(tcfg, len(train_ds), dist.is_main)
+    ptx = PtxMixer(recipe, tokenizer, dist, sizes) if ppo.ptx_coef > 0 else None
     updates_per_step = ppo.ppo_epochs * sizes.num_mini_batches
     models = build_models(recipe, sizes, dist, total_updates=tcfg.steps * updates_per_step)
-    reward_fn = build_reward(recipe.reward, policy_tokenizer=tokenizer, cache_dir=recipe.cache_dir,
-                             device=dist.device)
-    if (recipe.reward.share_reference_backbone and hasattr(reward_fn, "share_backbone")
+    reward_fn = build_recipe_reward(recipe, policy_tokenizer=tokenizer, device=dist.device,
+                                    frozen=(recipe, sizes))
+    if (getattr(recipe.reward, "share_reference_backbone", False) and hasattr(reward_fn, "share_backbone")
             and reward_fn.share_backbone(unwrap(models.reference))):
         if dist.is_main:
             print("[models] the reward model's backbone is the reference's (same checkpoint, equal weights): "
@@ -158,14 +159,22 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
     if ppo.algorithm == "trpo":
         from rlhf_engine.trpo import check_trpo_supported
         check_trpo_supported(recipe)
+    ema = EmaActor(models.actor, ppo.ema_decay) if ppo.ema_decay else None
+    resume_from = prepare_run_dir(run_dir, resume, is_main=dist.is_main)  # inputs are checked: now touch the run
+    tracker = Tracker(recipe, run_dir, is_main=dist.is_main, total_steps=tcfg.steps)
     kl_ctl = rl.make_kl_controller(ppo)
     score_stats = rl.RunningMoments()
     sampler = PromptSampler(len(train_ds), tcfg.rollout_batch_size, recipe.seed)
     local_prompts = sizes.local_rollout_sequences // ppo.group_size
     eval_items = _eval_items(eval_ds if eval_ds is not None and len(eval_ds) else train_ds, tcfg.eval_size, dist)
+    evaluator = Evaluator(recipe, run_dir, dist.is_main)
+    test_items = []
+    if recipe.eval.test_data is not None:
+        test_ds = load_prompts(recipe.eval.test_data, tokenizer, recipe.seed)[0]
+        test_items = _eval_items(test_ds, len(test_ds), dist)
 
     def make_rollout(items, *, with_values: bool = True, fused_rows: Optional[torch.Tensor] = None,
-                     fuse_critic: bool = False) -> tuple[Rollout, dict]:
+                     fuse_critic: bool = False, sampling=None) -> tuple[Rollout, dict]:
         """Steps 1-2: generate with the hybrid engine, then score (no grad).
 
         `fused_rows` (fused scoring): rows whose actor log-probs (and critic values if `fuse_critic`)
@@ -176,11 +185,13 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
         ids, pmask = batch["input_ids"].to(dist.device), batch["attention_mask"].to(dist.device)
         allowed = [] if models.mask is not None else None  # NLPO: the mask model's top-p sets
         with timer("generate"), models.hybrid.inference() as gen_model:
-            resp, rmask, has_eos, gen_lp = generate(gen_model, tokenizer, ids, pmask, gen, return_logprobs=True,
-                                                    batch_size=tcfg.generation_batch_size, mask_model=models.mask,
-                                                    mask_top_p=ppo.nlpo_top_p, allowed_out=allowed)
+            resp, rmask, has_eos, gen_lp = generate(gen_model, tokenizer, ids, pmask, sampling or gen,
+                                                    return_logprobs=True, batch_size=tcfg.generation_batch_size,
+                                                    mask_model=models.mask, mask_top_p=ppo.nlpo_top_p,
+                                                    allowed_out=allowed)
         r = Rollout(ids, pmask, resp, rmask, has_eos, batch["prompts"],
-                    tokenizer.batch_decode(resp, skip_special_tokens=True), gen_logprobs=gen_lp,
+                    tokenizer.batch_decode(resp, skip_special_tokens=True),
+                    references=batch["references"], meta=batch["meta"], gen_logprobs=gen_lp,
                     allowed=torch.cat(allowed) if allowed else None)
         seq, attn, R = r.sequences, r.attention_mask, resp.shape[1]
         mb = tcfg.scoring_batch_size or sizes.micro_batch_size  # no grad: no activations are kept
@@ -201,28 +212,45 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
             r.ref_logprobs, r.scores = _score_reference_and_reward(models.reference, reward_fn, r, mb, gen.temperature)
         return r, {**timer.times, **{f"hybrid/{k}": v for k, v in models.hybrid.last_timings.items()}}
 
-    def evaluate(step: int) -> dict:
-        """Mean reward of sampled responses to the fixed eval prompts (seeded, RNG state restored)."""
-        if not eval_items:  # train.eval_size: 0 (benchmarks)
+    def evaluate(step: int, items=None, split: str = "eval") -> dict:
+        """Mean reward and `eval.metrics` of responses to fixed prompts (seeded, RNG state restored),
+        sampled with `eval.generation` (default: the rollout's)."""
+        items = eval_items if items is None else items
+        if not items:  # train.eval_size: 0 (benchmarks)
             return {"score/mean": float("nan"), "kl/mean": float("nan"), "samples": []}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed + 7919)
-            r, _ = make_rollout(eval_items, with_values=False)
+            r, _ = make_rollout(items, with_values=False, sampling=recipe.eval.generation)
         n = recipe.logging.num_samples
         out = {"score/mean": _global_mean(r.scores), "response/length": _global_mean(r.response_mask.sum(1)),
-               "kl/mean": _global_mean(((r.logprobs - r.ref_logprobs) * r.response_mask).sum(1))}
-        tracker.log_eval(step, out)
-        tracker.log_samples(step, r.prompts[:n], r.responses[:n], r.scores[:n].tolist(), tag="eval")
-        raw = [item["raw"] for item in eval_items[:3]]
+               "kl/mean": _global_mean(((r.logprobs - r.ref_logprobs) * r.response_mask).sum(1)),
+               **{f"reward/{k}": _global_mean(v) for k, v in (r.reward_parts or {}).items()}}
+        ref_lp = r.ref_logprobs
+        if evaluator.needs_ref_logprobs and gen.temperature != 1.0:  # perplexity is at temperature 1
+            with torch.no_grad():
+                ref_lp = micro_batched(lambda s, a: forward_logprobs(models.reference, s, a, r.response_ids.shape[1]),
+                                       tcfg.scoring_batch_size or sizes.micro_batch_size, r.sequences, r.attention_mask)
+        out.update(evaluator(step, split, [item["raw"] for item in items], r, r.reward_parts, ref_lp))
+        if split == "eval":
+            out.update(ptx.evaluate(models.actor) if ptx is not None else {})
+            if ema is not None:
+                out.update(evaluate_ema(ema, lambda: make_rollout(items, with_values=False,
+                                                                  sampling=recipe.eval.generation)[0], recipe.seed))
+        tracker.log_eval(step, out if split == "eval" else {"split": split, **out})
+        tracker.log_samples(step, r.prompts[:n], r.responses[:n], r.scores[:n].tolist(), tag=split)
+        raw = [item["raw"] for item in items[:3]]
         return {**out, "samples": list(zip(raw, r.responses[:3], r.scores[:3].tolist()))}
 
     torch.manual_seed(recipe.seed + dist.rank)  # sampling RNG: independent of how models were built
     ckpt = CheckpointManager(run_dir, recipe.checkpoint.keep_last, is_main=dist.is_main, tokenizer=tokenizer)
     engines = {"actor": models.actor, **({"critic": models.critic} if models.critic is not None else {})}
     start, before = 1, None
-    resume_from = ckpt.resolve(resume) if resume else None
     if resume_from is not None:  # restores weights, optimizers, LR schedules and this rank's RNG
         state = ckpt.load(resume_from, engines)
+        if ema is not None:
+            ema.load(resume_from)
+        if ptx is not None:
+            ptx.load_state_dict(state["ptx"])
         start, before = state["step"] + 1, state["before"]
         sampler.load_state_dict(state["sampler"])
         kl_ctl.load_state_dict(state["kl_controller"])
@@ -234,10 +262,14 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
         before = evaluate(0)
         if dist.is_main and eval_items:
             print(f"[eval] step 0: score {before['score/mean']:.4f}", flush=True)
+        if test_items:
+            evaluate(0, test_items, "test")
 
     def save(step: int) -> None:
         ckpt.save(step, engines, {"sampler": sampler.state_dict(), "kl_controller": kl_ctl.state_dict(),
-                                  "score_stats": score_stats.state_dict(), "before": before})
+                                  "score_stats": score_stats.state_dict(), "before": before,
+                                  **({"ptx": ptx.state_dict()} if ptx is not None else {})},
+                  write_rank_files=ema.save if ema is not None else None)
 
     # fused scoring: the first mini-batch of the first epoch is updated by a policy that has not
     # moved yet, so its own forward's log-probs ARE the rollout's: those rows skip the actor's
@@ -277,7 +309,8 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
                     if fused else None)
 
         # ---- 3. shape: penalties, clipping, normalisation, per-token KL --------------------------
-        scores = rl.apply_missing_eos_penalty(r.scores, r.has_eos, ppo.missing_eos_penalty)
+        scores = r.scores if r.dense_rewards is None else r.scores - r.dense_rewards.sum(1)  # dense: per token
+        scores = rl.apply_missing_eos_penalty(scores, r.has_eos, ppo.missing_eos_penalty)
         if ppo.overlong_buffer:
             scores = scores + rl.overlong_penalty(mask.sum(1), gen.max_new_tokens, ppo.overlong_buffer,
                                                   ppo.overlong_penalty_factor)
@@ -286,6 +319,8 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
             score_stats.update(_all_gather_cat(scores))
             scores = score_stats.normalize(scores)
         rewards, kl = rl.shape_rewards(scores, r.logprobs, r.ref_logprobs, mask, kl_ctl.value, ppo.kl_estimator)
+        if r.dense_rewards is not None:
+            rewards = rewards + r.dense_rewards * mask
 
         # ---- 4. advantages ------------------------------------------------------------------------
         advantages, returns = rl.compute_advantages(
@@ -298,10 +333,12 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
 
         # ---- 5. update: epochs x mini-batches x micro-batches -------------------------------------
         t_train = time.perf_counter()
-        stats = _update(models, r, advantages, returns, sizes, recipe, orders, forwards, is_weights)
+        stats = _update(models, r, advantages, returns, sizes, recipe, orders, forwards, is_weights, ptx)
         if ppo.old_logprobs == "recompute" and r.gen_logprobs is not None:
             stats.update(_mismatch_metrics(rl.mismatch_sums(r.logprobs, r.gen_logprobs, mask, ppo.mismatch_threshold)))
         times["train"] = time.perf_counter() - t_train
+        if ema is not None:
+            ema.update()
 
         # ---- 6. KL controller, log, evaluate --------------------------------------------------------
         seq_kl = _global_mean((kl * mask).sum(1))
@@ -318,9 +355,14 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
             **{f"time/{k}": v for k, v in times.items()}, "time/step": step_s,
             "tokens_per_s": n_tokens / step_s,
             "memory/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **({"memory/peak_device_mib": torch.cuda.max_memory_allocated() / 2 ** 20}
+               if torch.cuda.is_available() else {}),  # compared with the planner (launch/bench_memory.py)
         }
         if returns is not None:
             metrics["returns/mean"] = _global_mean(kernels.masked_mean(returns, mask, dim=-1))
+        metrics.update({f"reward/{k}": _global_mean(v) for k, v in (r.reward_parts or {}).items()})
+        metrics.update({f"reward/{k}": _global_mean(torch.tensor(v, device=dist.device))
+                        for k, v in sorted((r.reward_extra or {}).items())})
         if step % recipe.logging.log_every == 0 or step == tcfg.steps:
             tracker.log_metrics(step, metrics)
         if step % recipe.logging.samples_every == 0:
@@ -336,6 +378,8 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
             save(step)
 
     after = evaluate(tcfg.steps)
+    if test_items:
+        evaluate(tcfg.steps, test_items, "test")
     barrier()
     summary = {"run_dir": str(run_dir), "steps": tcfg.steps, "train_seconds": time.perf_counter() - t_start,
                "score_before": before["score/mean"], "score_after": after["score/mean"],
@@ -344,6 +388,18 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
         summary["plots"] = [str(p) for p in plot_metrics(run_dir)] if recipe.logging.plots else []
     tracker.close()
     return summary
+
+
+def _steps_capped_by_epochs(tcfg, num_prompts: int, is_main: bool):
+    """train.epochs caps the RL steps at that many passes over the training prompts (each pass drops
+    its ragged tail); returns the train section with the steps the run will make."""
+    per_epoch = num_prompts // tcfg.rollout_batch_size
+    if not tcfg.epochs or tcfg.steps <= tcfg.epochs * per_epoch:
+        return tcfg
+    if is_main:
+        print(f"[train] {tcfg.epochs * per_epoch} RL steps: train.steps={tcfg.steps} capped by train.epochs="
+              f"{tcfg.epochs} x {per_epoch} steps per pass over {num_prompts} prompts", flush=True)
+    return tcfg.model_copy(update={"steps": tcfg.epochs * per_epoch})
 
 
 def _dynamic_sampling(make_rollout, items: list, draw_items, ppo, pad_token_id: int) -> tuple[Rollout, dict, dict]:
@@ -421,12 +477,14 @@ def _forward_with_grad(models: Models, r: Rollout, rows: torch.Tensor, sizes, te
 
 
 def _update(models: Models, r: Rollout, advantages, returns, sizes, recipe: Recipe, orders: list,
-            forwards: Optional[list] = None, is_weights: Optional[torch.Tensor] = None) -> dict:
+            forwards: Optional[list] = None, is_weights: Optional[torch.Tensor] = None,
+            ptx: Optional[PtxMixer] = None) -> dict:
     """PPO epochs x mini-batches; each micro-batch loss is weighted so that accumulation is exact.
 
     `orders`: each epoch's row order (`_epoch_orders`); mini-batches are its consecutive slices.
     `forwards` (fused scoring) supplies the first mini-batch's forward outputs, already computed
     by `_forward_with_grad`. `is_weights` [B, R]: off-policy correction weights (`rl.rollout_correction`).
+    `ptx` (ppo.ptx_coef > 0) adds one PTX micro-batch's loss to each actor micro-batch.
     ppo.algorithm picks the actor's loss (clipped surrogate; a2c's plain policy gradient; trpo's
     trust-region step over the whole rollout, engine/trpo.py); the critic's update is the same for all.
 
@@ -477,6 +535,8 @@ def _update(models: Models, r: Rollout, advantages, returns, sizes, recipe: Reci
                     if ppo.entropy_coef > 0:
                         loss = loss + rl.entropy_bonus(entropy, mask[micro], ppo.entropy_coef, ppo.loss_agg)
                     actor.backward(loss * weight)
+                    if ptx is not None:
+                        _accumulate(agg, {"loss/ptx": ptx.backward(actor)})
                     actor.step()
                     _accumulate(agg, {"loss/policy": pg_loss.detach(), "policy/approx_kl": pg_stats["approx_kl"],
                                       **({"policy/clipfrac": pg_stats["clipfrac"]} if "clipfrac" in pg_stats else {}),
@@ -542,11 +602,19 @@ def _score_reference_and_reward(reference, reward_fn, r: Rollout, micro: int, te
 
 
 def _score(reward_fn, r: Rollout, seq, attn) -> torch.Tensor:
-    """Sequence scores [B] from the reward function, checked for NaN / errors."""
+    """Sequence scores [B] from the reward function, checked for NaN / errors. A RewardSet also fills
+    r.reward_parts, r.reward_extra and r.dense_rewards."""
+    if isinstance(reward_fn, RewardSet):
+        res = reward_fn.score(r.prompts, r.responses, r.references, r.meta, sequences=seq, attention_mask=attn,
+                              response_ids=r.response_ids, response_mask=r.response_mask)
+        r.reward_parts = {k: v.to(seq.device).float() for k, v in res.parts.items()}  # all-reduced with NCCL too
+        r.reward_extra = res.extra
+        r.dense_rewards = None if res.dense is None else res.dense.to(seq.device)
+        return res.scores.to(seq.device).float()
     if hasattr(reward_fn, "score_tokens"):
         scores = reward_fn.score_tokens(seq, attn, prompts=r.prompts, responses=r.responses)
     else:
-        scores = reward_fn(r.prompts, r.responses)
+        scores = reward_fn(r.prompts, r.responses, r.references, r.meta)
     return check_scores(scores, reward_fn.name, r.prompts, r.responses).to(seq.device).float()
 
 
