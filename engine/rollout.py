@@ -79,6 +79,9 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
             out[f.name] = None
         elif isinstance(values[0], list):
             out[f.name] = [x for v in values for x in v]
+        elif isinstance(values[0], dict):  # reward_parts: per-row tensors; reward_extra: batch means
+            out[f.name] = {k: torch.cat([v[k] for v in values]) if isinstance(values[0][k], torch.Tensor)
+                           else sum(v[k] for v in values) / len(values) for k in values[0]}
         elif f.name in ("prompt_ids", "prompt_mask"):
             fill = pad_token_id if f.name == "prompt_ids" else 0
             out[f.name] = torch.cat([torch.nn.functional.pad(v, (width - v.shape[1], 0), value=fill) for v in values])

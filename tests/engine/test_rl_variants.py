@@ -163,3 +163,17 @@ def test_a2c_and_trpo_pieces():
     assert rl.backtracking_line_search(evaluate, 0.9, 0.01) == 0.25
     assert tried == [1.0, 0.5, 0.25]
     assert rl.backtracking_line_search(lambda f: (2.0, 0.0), 0.9, 0.01, backtracks=3) == 0.0
+
+
+def test_concat_rollouts_pads_prompts_and_joins_every_field():
+    from rlhf_engine.rollout import Rollout, concat_rollouts
+
+    def part(p_len, score, extra):
+        return Rollout(torch.full((1, p_len), 5), torch.ones(1, p_len), torch.tensor([[7, 8]]), torch.ones(1, 2),
+                       torch.tensor([True]), ["p"], ["r"], scores=torch.tensor([score]),
+                       reward_parts={"a": torch.tensor([score])}, reward_extra={"x": extra})
+
+    r = concat_rollouts([part(2, 1.0, 1.0), part(3, 2.0, 3.0)], pad_token_id=0)
+    assert r.prompt_ids.tolist() == [[0, 5, 5], [5, 5, 5]] and r.prompt_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert r.scores.tolist() == [1.0, 2.0] and r.reward_parts["a"].tolist() == [1.0, 2.0]
+    assert r.reward_extra == {"x": 2.0} and r.prompts == ["p", "p"] and r.logprobs is None
