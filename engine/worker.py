@@ -32,8 +32,11 @@ def run(recipe: Recipe, resume: str | None = None, *, process_start: bool = Fals
 
         quiet_libraries()
     from rlhf_engine.distributed import init_distributed
+    from rlhf_engine.inputs import check_inputs, check_output_dir
     from rlhf_engine.precision import resolve_precision
 
+    check_output_dir(recipe)
+    check_inputs(recipe)
     with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
         dist = init_distributed(recipe.num_threads)  # DeepSpeed prints a line when it loads its CPU comm op
     run_info["precision"] = resolve_precision(recipe, dist.is_main)
@@ -44,11 +47,15 @@ def run(recipe: Recipe, resume: str | None = None, *, process_start: bool = Fals
     elif recipe.stage == "sft":
         from rlhf_engine.sft import train_sft
 
-        summary = train_sft(recipe, dist)
+        summary = train_sft(recipe, dist, resume=resume)
     elif recipe.stage == "reward":
         from rlhf_engine.reward_model import train_reward_model
 
-        summary = train_reward_model(recipe, dist)
+        summary = train_reward_model(recipe, dist, resume=resume)
+    elif recipe.stage == "dpo":
+        from rlhf_engine.dpo import train_dpo
+
+        summary = train_dpo(recipe, dist, resume=resume)
     else:
         raise RecipeError(f"stage '{recipe.stage}' is not available yet in this build; use stage: rl")
     summary.update(run_info)
