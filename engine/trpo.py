@@ -12,7 +12,7 @@ import torch.distributed as tdist
 
 from rlhf_engine import kernels, rl, seq2seq
 from rlhf_engine.distributed import unwrap
-from rlhf_engine.rollout import position_ids_from_mask
+from rlhf_engine.batching import position_ids_from_mask
 
 
 def check_trpo_supported(recipe) -> None:
