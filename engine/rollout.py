@@ -263,9 +263,9 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
     unfinished = torch.ones(B, dtype=torch.bool, device=prompt_ids.device)
     tokens, logprobs = [], []
     for t in range(gen.max_new_tokens):
-        if return_logprobs:
-            step_lp = torch.log_softmax(logits / gen.temperature, dim=-1)  # before the min-tokens EOS block
+        raw_logits = logits  # the generation log-prob is of the policy, before the min-tokens EOS block
         if eos_token_id is not None and t < gen.min_new_tokens:
+            logits = logits.clone()
             logits[:, eos_token_id] = float("-inf")
         if gen.do_sample:
             nxt = sample_categorical(warp_logits(logits, gen).softmax(-1))
@@ -274,7 +274,7 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
         tokens.append(nxt)
         if return_logprobs:
-            logprobs.append(step_lp.gather(1, nxt[:, None]).squeeze(1))
+            logprobs.append(kernels.logprobs_from_logits(raw_logits, nxt, gen.temperature))
         if eos_token_id is not None:
             unfinished &= nxt != eos_token_id
         if t == gen.max_new_tokens - 1 or (not synced and not bool(unfinished.any())):

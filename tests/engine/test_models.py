@@ -162,7 +162,7 @@ def test_encoder_has_no_per_token_values_and_is_no_policy():
     assert isinstance(model, ScalarModel) and model.encoder
     with pytest.raises(ValueError, match="causal LM backbone"):
         model.values(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="not a causal language model"):
+    with pytest.raises(ValueError, match="not a causal or encoder-decoder language model"):
         load_policy(ModelConfig(name_or_path="minilm-l6"))
 
 
