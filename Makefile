@@ -11,9 +11,9 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install bench clean-venv tcmalloc
+.PHONY: demo test install bench clean-venv tcmalloc wordnet
 
-install: $(STAMP) tcmalloc
+install: $(STAMP) tcmalloc wordnet
 
 # tcmalloc for training processes (rlhf_engine.allocator preloads it): Debian's libtcmalloc-minimal4,
 # installed with apt-get when we are root; otherwise a note (training then runs on glibc malloc).
@@ -24,6 +24,15 @@ tcmalloc:
 		apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 || \
 		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 >/dev/null; }; \
 	else echo "note: libtcmalloc-minimal4 not installed (needs root and apt-get); training uses glibc malloc"; fi
+
+# WordNet 3.0 for the METEOR metric (nltk's downloader needs the network; Debian ships the database)
+wordnet:
+	@if [ -f /usr/share/wordnet/data.noun ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing wordnet-base (apt-get)"; \
+		apt-get install -y -q wordnet-base >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wordnet-base >/dev/null; }; \
+	else echo "note: wordnet-base not installed (needs root and apt-get); the METEOR metric is unavailable"; fi
 
 $(STAMP): setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

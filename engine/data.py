@@ -7,11 +7,14 @@ source "file:line N" for errors) -> seeded shuffle -> ``limit`` -> field mapping
 A prompt is either plain text (column ``prompt``) or chat messages (column ``messages``: a list of
 {role, content}). For RL prompts and preference pairs the messages are the prompt (trailing assistant
 turns are removed); for SFT the last assistant message is the response. Responses are appended to the
-rendered prompt and end with the EOS token, so the model learns to stop.
+rendered prompt and end with the EOS token, so the model learns to stop. RL prompt rows may also carry
+``references`` (one string or a list: the texts a reward or metric compares the response with) and
+``meta`` (any JSON value, handed to rewards and metrics as is).
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -23,15 +26,15 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch.utils.data import Dataset
 
-from rlhf_engine.config import DatasetConfig
+from rlhf_engine.config import DatasetConfig, RecipeError, read_utf8
 
 log = logging.getLogger(__name__)
 Messages = list[dict]
 Prompt = Union[str, Messages]
-OUR_FIELDS = "prompt, response, chosen, rejected, messages, margin"
+OUR_FIELDS = "prompt, response, chosen, rejected, messages, margin, references, meta"
 
 
-class DataError(ValueError):
+class DataError(RecipeError):
     """Bad data or data settings; the message names the file and line (or recipe key) and the fix."""
 
 
@@ -53,10 +56,12 @@ class DataReport:
     dropped_too_long: int
     truncated: int
     eval_rows: int
+    dropped_identical: int = 0  # preference pairs whose chosen == rejected (no preference to learn)
 
     def __str__(self) -> str:
         return (f"{self.rows} rows read, {self.kept} kept ({self.kept - self.eval_rows} train / {self.eval_rows} eval), "
-                f"{self.dropped_too_long} dropped as too long, {self.truncated} truncated")
+                f"{self.dropped_too_long} dropped as too long, {self.truncated} truncated"
+                + (f", {self.dropped_identical} dropped with chosen == rejected" if self.dropped_identical else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,21 +74,20 @@ def _as_row(obj: Any, source: str) -> Row:
 
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:line {n}: not valid JSON ({e.msg}); each line must hold one JSON object") from None
-            rows.append(_as_row(obj, f"{path}:line {n}"))
+    for n, line in enumerate(read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:line {n}: not valid JSON ({e.msg}); each line must hold one JSON object") from None
+        rows.append(_as_row(obj, f"{path}:line {n}"))
     return rows
 
 
 def _read_json(path: Path) -> list[Row]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON lines saved with a .json name
             return _read_jsonl(path)
@@ -96,9 +100,9 @@ def _read_json(path: Path) -> list[Row]:
 
 
 def _read_csv(path: Path) -> list[Row]:
-    with open(path, newline="", encoding="utf-8") as f:
-        # data row i sits on line i + 1 (the header is line 1)
-        return [Row(rec, f"{path}:line {i + 1}") for i, rec in enumerate(csv.DictReader(f), 1)]
+    # data row i sits on line i + 1 (the header is line 1)
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+    return [Row(rec, f"{path}:line {i + 1}") for i, rec in enumerate(reader, 1)]
 
 
 def _read_parquet(path: Path) -> list[Row]:
@@ -226,6 +230,33 @@ def _margin(row: Row, cfg: DatasetConfig) -> Optional[float]:
         raise _bad(row, cfg, "margin", "a number", f"is {_short(value)}") from None
 
 
+def _references(row: Row, cfg: DatasetConfig) -> list[str]:
+    """The row's reference texts: a string or a list of strings (CSV: a JSON list); [] when absent and unmapped."""
+    value = row.get(_column(cfg, "references"))
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    expected = "a non-empty string or a list of non-empty strings"
+    if value is None or value == "":
+        if "references" in cfg.fields:
+            raise _bad(row, cfg, "references", expected, "is missing")
+        return []
+    refs = [value] if isinstance(value, str) else value
+    if not (isinstance(refs, list) and refs and all(isinstance(t, str) and t.strip() for t in refs)):
+        raise _bad(row, cfg, "references", expected, f"is {_short(value)}")
+    return list(refs)
+
+
+def _meta(row: Row, cfg: DatasetConfig) -> Any:
+    """The row's meta data (any JSON value), None when absent; an explicitly mapped column must exist."""
+    value = row.get(_column(cfg, "meta"))
+    if _column(cfg, "meta") not in row and "meta" in cfg.fields:
+        raise _bad(row, cfg, "meta", "any value (e.g. an object)", "is missing")
+    return value
+
+
 # --------------------------------------------------------------------------------------------
 # chat template and tokenization
 _warned: set = set()
@@ -340,7 +371,8 @@ class _Items(Dataset):
 
 
 class PromptDataset(_Items):
-    """Items: {"input_ids": list[int], "prompt": rendered text, "raw": the user's own prompt text}."""
+    """Items: {"input_ids": list[int], "prompt": rendered text, "raw": the user's own prompt text,
+    "references": list[str] (may be empty), "meta": any JSON value or None}."""
 
 
 class PreferenceDataset(_Items):
@@ -393,7 +425,8 @@ def load_prompts(cfg: DatasetConfig, tokenizer, seed: int):
         if fit is None:
             return None
         text, ids, cut = fit
-        return {"input_ids": ids, "prompt": text, "raw": _own_text(prompt)}, cut
+        return {"input_ids": ids, "prompt": text, "raw": _own_text(prompt), "references": _references(row, cfg),
+                "meta": _meta(row, cfg)}, cut
 
     return _load(cfg, seed, make, PromptDataset)
 
@@ -406,9 +439,14 @@ def load_preferences(cfg: DatasetConfig, tokenizer, seed: int):
     """Preference pairs (prompt, chosen, rejected, optional margin) ->
     (train PreferenceDataset, eval PreferenceDataset or None, DataReport)."""
 
+    identical = []
+
     def make(row: Row):
         prompt = _prompt(row, cfg)
         chosen, rejected = _text(row, cfg, "chosen"), _text(row, cfg, "rejected")
+        if chosen == rejected:
+            identical.append(row.source)
+            return None
         margin = _margin(row, cfg)
         fit = _fit_prompt(tokenizer, cfg, prompt, _prompt_budget(cfg))
         if fit is None:
@@ -422,7 +460,12 @@ def load_preferences(cfg: DatasetConfig, tokenizer, seed: int):
                 "prompt": text, "margin": margin}
         return item, cut or c[1] or r[1]
 
-    return _load(cfg, seed, make, PreferenceDataset)
+    train, held, report = _load(cfg, seed, make, PreferenceDataset)
+    if identical:
+        report.dropped_too_long -= len(identical)
+        report.dropped_identical = len(identical)
+        log.warning("%s: %d pairs dropped with chosen == rejected (first: %s)", cfg.path, len(identical), identical[0])
+    return train, held, report
 
 
 def load_sft(cfg: DatasetConfig, tokenizer, seed: int):
@@ -466,9 +509,11 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
 
 def collate_prompts(items: list[dict], pad_id: int) -> dict:
     """-> {"input_ids": [B, P] LEFT padded (generation continues from the right edge),
-    "attention_mask": [B, P], "prompts": list[str] rendered prompts}."""
+    "attention_mask": [B, P], "prompts": list[str] rendered prompts, "references": list[list[str]],
+    "meta": list}."""
     ids, mask = _pad([it["input_ids"] for it in items], pad_id, left=True)
-    return {"input_ids": ids, "attention_mask": mask, "prompts": [it["prompt"] for it in items]}
+    return {"input_ids": ids, "attention_mask": mask, "prompts": [it["prompt"] for it in items],
+            "references": [it.get("references", []) for it in items], "meta": [it.get("meta") for it in items]}
 
 
 def collate_pairs(items: list[dict], pad_id: int) -> dict:
@@ -487,8 +532,9 @@ def collate_sft(items: list[dict], pad_id: int, pack: bool = False, max_length: 
     shifts them) with -100 on prompt tokens and padding.
 
     ``pack=True`` concatenates consecutive sequences into rows of at most ``max_length`` tokens (B = rows)
-    and adds "position_ids" [B, L] restarting at 0 for each sequence. The attention mask is all ones inside
-    a row, so only attention kernels that read position_ids (flash_attention_2) keep sequences apart.
+    and adds "position_ids" [B, L] restarting at 0 for each sequence. The attention mask only marks padding:
+    SFT calls the model with the position ids and no attention mask (engine/sft.py), and transformers then
+    builds a block-diagonal causal mask from them, so packed sequences stay apart with any attention kernel.
     """
     if not pack:
         ids, mask = _pad([it["input_ids"] for it in items], pad_id, left=False)

@@ -314,6 +314,17 @@ def create_frozen_engine(model: nn.Module, recipe: Recipe, sizes: BatchSizes, *,
     return engine
 
 
+def build_frozen(load, recipe: Recipe, sizes: BatchSizes, *, zero_stage: Optional[int] = None):
+    """``load()`` a frozen model (reference, reward) and wrap it with ``create_frozen_engine``.
+
+    ``load`` runs inside the frozen config's ZeRO-3 init context, so at stage 3 each rank only ever
+    holds its partition of the weights (never the whole model, not even while loading).
+    """
+    with zero_init_context(ds_config(recipe, sizes, trainable=False, zero_stage=zero_stage)):
+        model = load()
+    return create_frozen_engine(model, recipe, sizes, zero_stage=zero_stage)
+
+
 # --------------------------------------------------------------------------------------------
 # ZeRO helpers
 def unwrap(module_or_engine: nn.Module) -> nn.Module:

@@ -21,7 +21,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
                           AutoTokenizer, PretrainedConfig, PreTrainedModel)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from rlhf_engine.config import ModelConfig
+from rlhf_engine.config import ModelConfig, RecipeError
 from rlhf_engine.lean import make_lean
 from rlhf_engine.onednn import use_onednn_linears
 from rlhf_engine.presets import (PRESETS, cache_root, cached_folder, convert_gguf, gguf_cache_key, list_presets,
@@ -59,9 +59,9 @@ def _offline() -> bool:
     return hub_constants.HF_HUB_OFFLINE or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
 
 
-def _not_found(name: str, why: str) -> ValueError:
+def _not_found(name: str, why: str) -> RecipeError:
     hint = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.6)
-    return ValueError(
+    return RecipeError(
         f"model '{name}' {why}. Download it on a machine with network (`hf download {name}`, formerly "
         f"`huggingface-cli download`) or set model.name_or_path to a local folder."
         + (f" Did you mean the preset '{hint[0]}'?" if hint else "")
@@ -70,7 +70,7 @@ def _not_found(name: str, why: str) -> ValueError:
 
 def _gguf_folder(gguf: Path, root: Path) -> str:
     if not gguf.is_file():
-        raise ValueError(f"GGUF file not found: {gguf} (model.name_or_path / model.gguf_file)")
+        raise RecipeError(f"GGUF file not found: {gguf} (model.name_or_path / model.gguf_file)")
     return str(cached_folder(root, gguf_cache_key(gguf), lambda out: convert_gguf(gguf, out), f"GGUF {gguf}"))
 
 
@@ -86,11 +86,11 @@ def _resolve_source(name: str, gguf_file: Optional[str], revision: Optional[str]
         if gguf_file:
             return _gguf_folder(local / gguf_file, root), None, "gguf"
         if not (local / "config.json").is_file():
-            raise ValueError(f"model folder {local} has no config.json: expected a Hugging Face model folder "
+            raise RecipeError(f"model folder {local} has no config.json: expected a Hugging Face model folder "
                              "(config.json + weights + tokenizer) or set model.gguf_file to a .gguf file in it")
         return str(local), None, "folder"
     if name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or name.count("/") > 1:
-        raise ValueError(f"model path '{name}' does not exist (model.name_or_path); presets: {', '.join(PRESETS)}")
+        raise RecipeError(f"model path '{name}' does not exist (model.name_or_path); presets: {', '.join(PRESETS)}")
     return _resolve_hub(name, gguf_file, revision, root)
 
 
@@ -102,7 +102,7 @@ def _resolve_hub(name: str, gguf_file: Optional[str], revision: Optional[str], r
     try:
         cached = try_to_load_from_cache(name, gguf_file or "config.json", revision=revision)
     except HFValidationError:
-        raise ValueError(f"model '{name}' is not a preset, not a local folder and not a valid hub id "
+        raise RecipeError(f"model '{name}' is not a preset, not a local folder and not a valid hub id "
                          f"(model.name_or_path). Presets: {', '.join(PRESETS)}.") from None
     if isinstance(cached, str):  # in the HF cache: use the snapshot folder, no network needed
         if gguf_file:

@@ -13,8 +13,8 @@ A stage feeds the next through its output folder: a later stage names the earlie
 folder (e.g. `set: ["model.name_or_path={output_dir}/e2e-sft/final"]`; `{output_dir}` is the
 runs folder, so `--set output_dir=...` moves the whole pipeline). Each stage runs as its own
 process (a clean DeepSpeed world per stage); a finished stage leaves `PIPELINE_STAGE_DONE` in its
-run folder and is skipped when the pipeline is run again, and an RL stage that was cut off resumes
-from its newest checkpoint.
+run folder and is skipped when the pipeline is run again, and a stage (SFT, reward model or RL) that
+was cut off resumes from its newest checkpoint.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def is_pipeline(path) -> bool:
     """True when the YAML file's top level is a `pipeline:` mapping."""
     try:
         data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # load_recipe reports it, naming file and line
         return False
     return isinstance(data, dict) and "pipeline" in data
 
@@ -86,7 +86,7 @@ def run_pipeline(path, overrides: Optional[list[str]] = None, nproc: int = 1) ->
         if (run_dir / DONE).exists():
             print(f"{tag}: done before, skipped ({run_dir})", flush=True)
             continue
-        resume = recipe.stage == "rl" and (run_dir / "checkpoints").is_dir()
+        resume = (run_dir / "checkpoints").is_dir()  # a stage cut off mid-way continues from its checkpoint
         print(f"{tag}: starting" + (" (resuming)" if resume else ""), flush=True)
         cmd = [sys.executable, "-m", "rlhf_engine.cli", "train", str(stage_path), "--nproc", str(nproc),
                *[f"--set={s}" for s in sets], *(["--resume=auto"] if resume else [])]

@@ -97,8 +97,8 @@ class RewardModelTask:
                 "margin": float(sums["margin"] / n)}
 
 
-def train_reward_model(recipe: Recipe, dist: Optional[DistInfo] = None) -> dict:
+def train_reward_model(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[str] = None) -> dict:
     """Run the reward-model stage of ``recipe`` (see engine.supervised.train_supervised for the summary)."""
     from rlhf_engine.supervised import train_supervised
 
-    return train_supervised(recipe, dist, RewardModelTask(recipe))
+    return train_supervised(recipe, dist, RewardModelTask(recipe), resume=resume)

@@ -1,7 +1,8 @@
 """Reward functions: one interface for a learned reward model, a Python callable, and built-in judges.
 
-``reward(prompts, responses) -> scores [B]`` (float32, on CPU, already multiplied by
-``reward.scale``). Every call is checked: a reward that raises, returns the wrong number of
+``reward(prompts, responses, references=None, meta=None) -> scores [B]`` (float32, on CPU, already
+multiplied by ``reward.scale``); ``references`` is one list of strings per sample (the dataset row's
+reference texts) and ``meta`` one value per sample, read by the rewards that use them. Every call is checked: a reward that raises, returns the wrong number of
 scores, or returns NaN/inf stops the run with ``RewardError`` naming the reward and the sample.
 The learned model also scores token ids directly: ``reward.score_tokens(input_ids, attention_mask)``.
 """
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from rlhf_engine.config import RewardConfig
+from rlhf_engine.config import RecipeError, RewardConfig
 
 SAMPLE_CHARS = 200  # how much of a prompt / response an error message shows
 
@@ -60,6 +62,8 @@ class RewardFunction:
     name: str = "reward"
     # on an exception, re-run one sample at a time to name the one that fails (cheap rewards only)
     locate_failures: bool = True
+    # subclasses whose _score reads references= / meta= set this
+    wants_context: bool = False
 
     def __init__(self, scale: float = 1.0):
         self.scale = scale
@@ -67,25 +71,30 @@ class RewardFunction:
     def _score(self, prompts: list[str], responses: list[str]) -> Any:
         raise NotImplementedError
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        """Scores [B] float32 on CPU for prompt/response pairs, times ``scale``."""
+    def __call__(self, prompts: list[str], responses: list[str], references: Optional[list] = None,
+                 meta: Optional[list] = None) -> torch.Tensor:
+        """Scores [B] float32 on CPU for prompt/response pairs (and their references / meta), times ``scale``."""
         if len(prompts) != len(responses):
             raise ValueError(f"reward '{self.name}': {len(prompts)} prompts but {len(responses)} responses")
+        ctx = {}
+        if self.wants_context:
+            ctx = {"references": list(references) if references is not None else [[] for _ in responses],
+                   "meta": list(meta) if meta is not None else [None] * len(responses)}
         try:
-            raw = self._score(prompts, responses)
+            raw = self._score(prompts, responses, **ctx)
         except RewardError:
             raise
         except Exception as e:
             raise RewardError(f"reward '{self.name}' raised {type(e).__name__}: {e}; "
-                              f"{self._failing_sample(prompts, responses)}") from e
+                              f"{self._failing_sample(prompts, responses, ctx)}") from e
         return check_scores(raw, self.name, prompts, responses) * self.scale
 
-    def _failing_sample(self, prompts: list[str], responses: list[str]) -> str:
+    def _failing_sample(self, prompts: list[str], responses: list[str], ctx: Optional[dict] = None) -> str:
         """Which sample raises when scored alone (the run stops anyway, so the retries are affordable)."""
         if self.locate_failures and len(responses) > 1:
             for i in range(len(responses)):
                 try:
-                    self._score(prompts[i:i + 1], responses[i:i + 1])
+                    self._score(prompts[i:i + 1], responses[i:i + 1], **{k: v[i:i + 1] for k, v in (ctx or {}).items()})
                 except Exception:
                     return "failing " + _sample(i, prompts, responses)
         return f"batch of {len(responses)}, first " + _sample(0, prompts, responses)
@@ -94,7 +103,7 @@ class RewardFunction:
 def _no_kwargs(name: str, kwargs: dict, allowed: tuple = ()) -> None:
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise ValueError(f"reward.kwargs {unknown} are not used by reward.type '{name}'; "
+        raise RecipeError(f"reward.kwargs {unknown} are not used by reward.type '{name}'; "
                          f"allowed: {list(allowed) or 'none'}")
 
 
@@ -151,7 +160,7 @@ def load_function(spec: str) -> Callable:
     """'package.module:function' (importable from the working dir / PYTHONPATH) or 'path/to/file.py:function'."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward.function {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
+        raise RecipeError(f"reward.function {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
     try:
         if module_name.endswith(".py") or "/" in module_name:
             path = Path(module_name).expanduser().resolve()
@@ -162,31 +171,44 @@ def load_function(spec: str) -> Callable:
             mod_spec.loader.exec_module(module)
         else:
             if "" not in sys.path and str(Path.cwd()) not in sys.path:
-                sys.path.insert(0, str(Path.cwd()))  # 'module:function' next to where the run starts
+                # after site-packages: a module next to the run, never shadowing an installed package (a
+                # checkout's kernels/ folder would shadow Hugging Face's `kernels`)
+                sys.path.append(str(Path.cwd()))
             module = importlib.import_module(module_name)
     except Exception as e:
-        raise ValueError(f"reward.function {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); "
+        raise RecipeError(f"reward.function {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); "
                          "give a module importable from the working directory or PYTHONPATH, or a file "
                          "path like path/to/file.py:function") from e
     fn = getattr(module, attr, None)
     if not callable(fn):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        raise ValueError(f"reward.function {spec!r}: {module_name!r} has no function {attr!r}; "
+        raise RecipeError(f"reward.function {spec!r}: {module_name!r} has no function {attr!r}; "
                          f"callables there: {', '.join(names) or 'none'}")
     return fn
 
 
 class CallableReward(RewardFunction):
-    """A user function ``fn(prompts, responses, **kwargs) -> list/tensor of floats`` (one per response)."""
+    """A user function ``fn(prompts, responses, **kwargs) -> list/tensor of floats`` (one per response).
+
+    A function with a ``references`` and/or ``meta`` parameter also receives them (one entry per response).
+    """
+
+    wants_context = True
 
     def __init__(self, function: str, kwargs: Optional[dict] = None, scale: float = 1.0):
         super().__init__(scale)
         self.fn = load_function(function)
         self.name = f"callable {function}"
         self.kwargs = dict(kwargs or {})
+        try:
+            params = inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):  # builtins without a signature: texts only
+            params = {}
+        self.context_args = [k for k in ("references", "meta") if k in params]
 
-    def _score(self, prompts, responses):
-        return self.fn(list(prompts), list(responses), **self.kwargs)
+    def _score(self, prompts, responses, references=None, meta=None):
+        ctx = {"references": references, "meta": meta}
+        return self.fn(list(prompts), list(responses), **{k: ctx[k] for k in self.context_args}, **self.kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +246,8 @@ class ModelReward(RewardFunction):
             mask = attention_mask[start:start + self.batch_size]
             if self.device is not None:
                 ids, mask = ids.to(self.device), mask.to(self.device)
-            out.append(self.model.scores(ids, mask).float().cpu())
+            # through forward (ScalarModel.forward = scores), so a DeepSpeed engine wraps the call
+            out.append(self.model(ids, mask).float().cpu())
         return torch.cat(out)
 
     def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,24 +337,36 @@ class ModelReward(RewardFunction):
         return raw * self.scale
 
 
-def load_model_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None
-                      ) -> ModelReward:
-    """Load the reward model of ``reward.model`` (via engine.models) and its tokenizer."""
+def load_model_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None,
+                      frozen=None) -> ModelReward:
+    """Load the reward model of ``reward.model`` (via engine.models) and its tokenizer.
+
+    ``frozen=(recipe, sizes)`` builds it as a frozen DeepSpeed model under the reference's rules
+    (``distributed.build_frozen``: ZeRO-3 partitioned at construction when the recipe's frozen stage is 3,
+    optional parameter offload); without it the whole model is moved to ``device``.
+    """
     from rlhf_engine import models  # heavy (transformers); only the model reward needs it
 
     kwargs = dict(reward_cfg.kwargs)
     _no_kwargs("model", kwargs, ("batch_size",))
     # fixed head seed: a backbone without a trained head still scores the same on every rank
-    model = models.load_scalar_model(reward_cfg.model, cache_dir=cache_dir, init_head_seed=0)
-    model.eval().requires_grad_(False)
-    if device is not None:
-        model.to(device)
+    load = lambda: models.load_scalar_model(reward_cfg.model, cache_dir=cache_dir, init_head_seed=0)  # noqa: E731
+    if frozen is not None:
+        from rlhf_engine.distributed import build_frozen
+
+        model = build_frozen(load, *frozen)
+    else:
+        model = load()
+        model.eval().requires_grad_(False)
+        if device is not None:
+            model.to(device)
     tokenizer = models.load_tokenizer(reward_cfg.model, cache_dir=cache_dir)
     return ModelReward(model, tokenizer, policy_tokenizer=policy_tokenizer, name=f"model {reward_cfg.model.name_or_path}",
                        scale=reward_cfg.scale, device=device, **kwargs)
 
 
-def build_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None) -> RewardFunction:
+def build_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=None, device=None,
+                 frozen=None) -> RewardFunction:
     """The reward a recipe's ``reward`` section describes; ``reward.scale`` multiplies every score."""
     kind, kwargs, scale = reward_cfg.type, dict(reward_cfg.kwargs), reward_cfg.scale
     if kind == "sentiment":
@@ -343,5 +378,15 @@ def build_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_dir=N
     if kind == "callable":
         return CallableReward(reward_cfg.function, kwargs, scale=scale)
     if kind == "model":
-        return load_model_reward(reward_cfg, policy_tokenizer=policy_tokenizer, cache_dir=cache_dir, device=device)
-    raise ValueError(f"reward.type: unknown {kind!r}; expected model, callable, sentiment or length")
+        return load_model_reward(reward_cfg, policy_tokenizer=policy_tokenizer, cache_dir=cache_dir, device=device,
+                                 frozen=frozen)
+    if kind == "metric":
+        from rlhf_engine.reward_set import MetricReward
+
+        return MetricReward(reward_cfg.metric, reward_cfg.metric_key, kwargs, scale=scale, cache_dir=cache_dir)
+    if kind == "remote":
+        from rlhf_engine.remote_reward import RemoteReward
+
+        _no_kwargs(kind, kwargs)
+        return RemoteReward(reward_cfg.url, reward_cfg.remote, scale=scale)
+    raise ValueError(f"reward.type: unknown {kind!r}; expected model, callable, sentiment, length, metric or remote")

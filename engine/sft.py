@@ -83,8 +83,8 @@ class SFTTask:
         return {"loss": loss, "perplexity": float(torch.tensor(loss).exp())}
 
 
-def train_sft(recipe: Recipe, dist: Optional[DistInfo] = None) -> dict:
+def train_sft(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[str] = None) -> dict:
     """Run the SFT stage of ``recipe`` (see engine.supervised.train_supervised for the summary)."""
     from rlhf_engine.supervised import train_supervised
 
-    return train_supervised(recipe, dist, SFTTask(recipe))
+    return train_supervised(recipe, dist, SFTTask(recipe), resume=resume)

@@ -5,7 +5,9 @@
 2. evaluate once before training.
 3. for each optimizer step: draw the global mini-batch, run this rank's micro-batches
    (forward, weighted loss, backward; DeepSpeed steps at the accumulation boundary).
-4. log, evaluate every `train.eval_every` steps, and at the end.
+4. log, evaluate every `train.eval_every` steps, and at the end; checkpoint every
+   `checkpoint.save_every` steps and at the end (engine/checkpoint.py: atomic, `keep_last`, resumable
+   with `--resume auto|PATH`, exportable with `rlhf-engine export`).
 5. save the trained model as a Hugging Face folder `<run_dir>/final/`.
 
 What differs between SFT and reward modelling lives in a small task object (engine/sft.py,
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from rlhf_engine.checkpoint import CheckpointManager, prepare_run_dir
 from rlhf_engine.config import Recipe, RecipeError, derive_batch_sizes
 from rlhf_engine.distributed import (DistInfo, barrier, create_train_engine, ds_config, gather_full_state_dict,
                                 init_distributed, unwrap, zero_init_context)
@@ -111,9 +114,14 @@ def _eval_share(ds, size: int, dist: DistInfo) -> list:
     return [ds[i] for i in range(dist.rank, n, dist.world_size)]
 
 
-def train_supervised(recipe: Recipe, dist: Optional[DistInfo], task: SupervisedTask) -> dict:
+def train_supervised(recipe: Recipe, dist: Optional[DistInfo], task: SupervisedTask,
+                     resume: Optional[str] = None) -> dict:
     """Train ``task`` (SFT or reward model) as the recipe says; returns a summary dict
-    (eval metrics before / after, losses, timings, run folder, final model folder)."""
+    (eval metrics before / after, losses, timings, run folder, final model folder).
+
+    ``resume``: "auto" (newest checkpoint of the run folder, if any) or a checkpoint path; the
+    resumed run continues step for step (the batch order is a function of the step, and the
+    checkpoint restores weights, optimizer, LR schedule and RNG)."""
     dist = dist or init_distributed(recipe.num_threads)
     sizes = derive_batch_sizes(recipe, dist.world_size)
     tcfg = recipe.train
@@ -129,14 +137,16 @@ def train_supervised(recipe: Recipe, dist: Optional[DistInfo], task: SupervisedT
     if sampler.steps_per_epoch == 0:
         raise RecipeError(f"data: {len(train_ds)} training rows but train.mini_batch_size is "
                           f"{sizes.mini_batch_size}; add rows, lower data.eval_size or lower the batch size")
-    total = min(tcfg.steps, tcfg.epochs * sampler.steps_per_epoch)
+    total = min(tcfg.steps, tcfg.epochs * sampler.steps_per_epoch) if tcfg.epochs else tcfg.steps
     if dist.is_main and total < tcfg.steps:
         print(f"[train] {total} optimizer steps: train.steps={tcfg.steps} capped by train.epochs={tcfg.epochs} "
               f"x {sampler.steps_per_epoch} steps per epoch", flush=True)
     with zero_init_context(ds_config(recipe, sizes)):
         model = task.build_model(recipe)
     engine = create_train_engine(model, recipe, sizes, total_steps=total)
+    resume_from = prepare_run_dir(run_dir, resume, is_main=dist.is_main)  # inputs are checked: now touch the run
     tracker = Tracker(recipe, run_dir, is_main=dist.is_main, total_steps=total)
+    ckpt = CheckpointManager(run_dir, recipe.checkpoint.keep_last, is_main=dist.is_main, tokenizer=tokenizer)
     eval_on = "held-out rows" if eval_ds is not None else "training rows (no held-out split: set data.eval_size)"
     eval_items = _eval_share(eval_ds if eval_ds is not None else train_ds, tcfg.eval_size, dist)
 
@@ -159,13 +169,21 @@ def train_supervised(recipe: Recipe, dist: Optional[DistInfo], task: SupervisedT
             print(f"[eval] step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
         return metrics
 
-    # ---- 2. evaluate before training ------------------------------------------------------------------
-    before = evaluate(0)
+    # ---- 2. evaluate before training (or restore a checkpoint) ------------------------------------------
+    start, losses = 1, []
+    if resume_from is not None:
+        state = ckpt.load(resume_from, {"model": engine})
+        start, before, losses = state["step"] + 1, state["before"], state["losses"]
+        tracker.drop_after(state["step"])
+        if dist.is_main:
+            print(f"[resume] from {resume_from} (step {state['step']})", flush=True)
+    else:
+        before = evaluate(0)
     engine.train()
     rank_rows = sizes.mini_batch_size // dist.world_size
-    losses: list[float] = []
+    metrics: dict = {}  # stays empty when a resumed run has no step left
     t_start = time.perf_counter()
-    for step in range(1, total + 1):
+    for step in range(start, total + 1):
         t_step = time.perf_counter()
         # ---- 3. one optimizer step: this rank's share of the global mini-batch ------------------------
         global_rows = sampler.batch(step - 1)
@@ -206,6 +224,9 @@ def train_supervised(recipe: Recipe, dist: Optional[DistInfo], task: SupervisedT
                                                   f"{metrics['tokens_per_s']:.0f} tok/s")
         if tcfg.eval_every and step % tcfg.eval_every == 0 and step != total:
             evaluate(step)
+        every = recipe.checkpoint.save_every
+        if (every and step % every == 0) or (step == total and recipe.checkpoint.save_final):
+            ckpt.save(step, {"model": engine}, {"before": before, "losses": losses})
 
     after = evaluate(total)
     train_seconds = time.perf_counter() - t_start

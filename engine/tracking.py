@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,8 +44,14 @@ class Tracker:
         if wb is not None and wb.mode != "disabled":
             import wandb
 
+            # the run folder keeps its wandb run id: a resumed run continues the same wandb run (a fresh
+            # run starts in an emptied folder, see checkpoint.prepare_run_dir, so it gets a new one)
+            id_file = self.run_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else None
             self._wandb = wandb.init(project=wb.project, name=recipe.name, mode=wb.mode, dir=str(self.run_dir),
-                                     config=recipe.model_dump(mode="json"), reinit=True)
+                                     config=recipe.model_dump(mode="json"), reinit=True, id=run_id,
+                                     resume="allow" if run_id else None)
+            id_file.write_text(self._wandb.id + "\n")
 
     def _append(self, name: str, record: dict) -> None:
         if not self.is_main:
@@ -121,7 +126,7 @@ def plot_metrics(run_dir: Path, keys: Optional[list[str]] = None) -> list[Path]:
     if not rows:
         return []
     keys = keys or [k for k in ("score/mean", "reward/mean", "kl/mean", "kl/beta", "loss/policy", "loss/value",
-                                "loss/total", "entropy", "response/length") if any(k in r for r in rows)]
+                                "loss/ptx", "entropy", "response/length") if any(k in r for r in rows)]
     out_dir = run_dir / "plots"
     out_dir.mkdir(exist_ok=True)
     written = []
@@ -140,6 +145,20 @@ def plot_metrics(run_dir: Path, keys: Optional[list[str]] = None) -> list[Path]:
         fig.savefig(path)
         plt.close(fig)
         written.append(path)
+    parts = sorted({k for r in rows for k in r if k.startswith("reward/") and k != "reward/mean"})
+    if parts:  # several rewards: one figure with each part's curve
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        for key in parts:
+            ax.plot([r["step"] for r in rows if r.get(key) is not None],
+                    [r[key] for r in rows if r.get(key) is not None], label=key[len("reward/"):])
+        ax.set_xlabel("step")
+        ax.set_title("rewards")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "reward_parts.png")
+        plt.close(fig)
+        written.append(out_dir / "reward_parts.png")
     return written
 
 
@@ -160,7 +179,3 @@ def archive_previous_run(run_dir: Path) -> Optional[Path]:
         target, n = run_dir.with_name(f"{run_dir.name}.{stamp}-{n}"), n + 1
     run_dir.rename(target)
     return target
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

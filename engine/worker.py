@@ -15,7 +15,10 @@ from rlhf_engine.config import Recipe, RecipeError, load_recipe
 def run(recipe: Recipe, resume: str | None = None) -> dict:
     """Run the recipe's stage on this rank; the main rank prints the summary."""
     from rlhf_engine.distributed import init_distributed
+    from rlhf_engine.inputs import check_inputs, check_output_dir
 
+    check_output_dir(recipe)
+    check_inputs(recipe)
     dist = init_distributed(recipe.num_threads)
     if recipe.stage == "rl":
         from rlhf_engine.trainer import train_rl
@@ -24,11 +27,15 @@ def run(recipe: Recipe, resume: str | None = None) -> dict:
     elif recipe.stage == "sft":
         from rlhf_engine.sft import train_sft
 
-        summary = train_sft(recipe, dist)
+        summary = train_sft(recipe, dist, resume=resume)
     elif recipe.stage == "reward":
         from rlhf_engine.reward_model import train_reward_model
 
-        summary = train_reward_model(recipe, dist)
+        summary = train_reward_model(recipe, dist, resume=resume)
+    elif recipe.stage == "dpo":
+        from rlhf_engine.dpo import train_dpo
+
+        summary = train_dpo(recipe, dist, resume=resume)
     else:
         raise RecipeError(f"stage '{recipe.stage}' is not available yet in this build; use stage: rl")
     if dist.is_main:

@@ -36,7 +36,6 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
 TRL_DIR = REPO.parent / "shared" / "peers" / "trl_ppo"
 TOPICS = ["the ocean", "mountains", "coffee", "the moon", "autumn", "robots", "music", "friendship", "the city",
           "rain", "books", "gardens", "the desert", "trains", "winter", "honey bees"]

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from rlhf_engine.tracking import read_jsonl  # noqa: E402
 
 RESERVED = ("seed", "name", "output_dir")  # set per run by this script

@@ -1,5 +1,5 @@
 """The tiny three-stage pipeline (SFT -> reward model -> PPO) through the real CLI, and its
-stage-by-stage resume: a second run skips the finished stages."""
+stage-by-stage resume: a second run skips the finished stages, and an interrupted stage resumes."""
 import subprocess
 import sys
 
@@ -24,3 +24,10 @@ def test_tiny_pipeline_chains_stages_and_skips_done_ones(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert again.stdout.count("done before, skipped") == 3
+
+    # the reward stage as if cut off after its last checkpoint: the pipeline resumes it, skips the others
+    (tmp_path / "tiny-e2e-rm" / DONE).unlink()
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "(reward: tiny-e2e-rm): starting (resuming)" in resumed.stdout and "[resume] from" in resumed.stdout
+    assert resumed.stdout.count("done before, skipped") == 2 and (tmp_path / "tiny-e2e-rm" / DONE).exists()
