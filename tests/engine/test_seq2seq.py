@@ -154,3 +154,18 @@ def test_seq2seq_sft_loss_is_the_models_own_and_training_lowers_it(tmp_path, res
     summary = train_sft(recipe)
     assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"] - 0.01
     assert type(Auto.from_pretrained(summary["final_dir"])).__name__ == "T5ForConditionalGeneration"
+
+
+def test_sft_rows_without_a_response_train_on_the_first_reference():
+    import json
+
+    from rlhf_engine.config import DatasetConfig
+    from rlhf_engine.data import load_sft
+
+    path = REPO / "recipes/data/data2text-train.jsonl"
+    tokenizer = load_tokenizer(ModelConfig(name_or_path="tiny-t5"))
+    cfg = DatasetConfig(path=str(path), chat_template=False, max_length=128, shuffle=False, limit=2)
+    train, _, _ = load_sft(cfg, tokenizer, 0)
+    first = json.loads(path.read_text().splitlines()[0])
+    response = tokenizer.decode(train[0]["input_ids"][train[0]["prompt_len"]:], skip_special_tokens=True)
+    assert response.strip() == first["references"][0]
