@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Precision = Literal["fp32", "bf16", "fp16"]
-TrainPrecision = Literal["fp32", "bf16", "fp16", "bf16_autocast"]
+TrainPrecision = Literal["auto", "fp32", "bf16", "fp16", "bf16_autocast"]
 
 
 class Section(BaseModel):
@@ -47,12 +47,6 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; flash_attention_2 needs CUDA and the flash-attn package.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    lean_activations: bool = Field(
-        True, description="Llama/Mistral/Qwen2 MLPs and RMSNorms keep ~40% fewer activations for backward "
-                          "(engine/lean.py; same forward numbers, no extra matmul).")
-    onednn_linear: bool = Field(
-        True, description="float32 linears on CPU run on oneDNN instead of MKL (engine/onednn.py; faster on "
-                          "the CPUs measured, same float32 math); no effect on other dtypes or devices.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it).")
     lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters instead of all weights.")
     context_start_token: Optional[int] = Field(
@@ -161,8 +155,10 @@ class DeepSpeedSection(Section):
     offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO 1-3).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3).")
     precision: TrainPrecision = Field(
-        "fp32", description="Training precision: bf16/fp16 = DeepSpeed half weights + fp32 master copies; "
-        "bf16_autocast = fp32 weights, grads and optimizer with bf16 matmuls (torch.autocast; fastest on CPU).")
+        "auto", description="Training precision: bf16/fp16 = DeepSpeed half weights + fp32 master copies; "
+        "bf16_autocast = fp32 weights, grads and optimizer with bf16 matmuls (torch.autocast); auto = bf16 on "
+        "GPUs that support it (else fp32), on CPU fp32 or bf16_autocast, whichever a short matmul probe at the "
+        "model's shapes finds faster (recorded in run.json and the summary).")
     frozen_zero_stage: Optional[Literal[0, 3]] = Field(
         None, description="Reference/reward models: 3 = partitioned, 0 = replicated; default follows zero_stage.")
     gradient_clipping: float = Field(1.0, ge=0.0, description="Clip the global grad norm (0 = off).")
@@ -211,8 +207,6 @@ class GenerationSection(Section):
     do_sample: bool = Field(True, description="Sample (true) or greedy (false).")
     stop_strings: list[str] = Field(default_factory=list, description="Stop a response at any of these strings.")
     ignore_eos: bool = Field(False, description="Always generate max_new_tokens; tokens after EOS count too.")
-    fused_decode: bool = Field(True, description="Llama-family policies decode with the engine's fused step "
-                               "(static KV cache, fused QKV/MLP matmuls; same math); false = the model's own forward.")
     dtype: Optional[Precision] = Field(
         None, description="Weight dtype while generating (a temporary cast; trained weights untouched). "
         "Default: bf16 under deepspeed.precision bf16_autocast, else the weights' own dtype.")
@@ -394,6 +388,32 @@ class CheckpointConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------
+# CPU backend (rlhf_engine.backends.cpu): applied at the start of a run on CPU only, never on GPU
+class CpuConfig(Section):
+    allocator: Literal["auto", "tcmalloc", "system"] = Field(
+        "auto", description="malloc of training processes: tcmalloc (preloaded; faster steps, less memory), "
+        "system, or auto = tcmalloc when installed (libtcmalloc-minimal4), else system.")
+    transparent_huge_pages: bool = Field(
+        True, description="torch's CPU allocator puts large tensors on 2 MiB pages (THP_MEM_ALLOC_ENABLE=1; "
+        "fewer page faults per step). An explicit THP_MEM_ALLOC_ENABLE in the environment wins.")
+    keep_freed_memory: bool = Field(
+        True, description="glibc keeps freed memory for the next step instead of unmapping it (mallopt "
+        "thresholds of 1 GiB); peak memory is unchanged.")
+    onednn_linear: bool = Field(
+        True, description="float32 nn.Linear layers run on oneDNN instead of MKL (same float32 math; faster "
+        "on the CPUs measured); no effect on other dtypes.")
+    lean_activations: bool = Field(
+        True, description="Llama/Mistral/Qwen2 MLPs and RMSNorms keep ~40% fewer activations for backward "
+        "(same forward numbers, no extra matmul).")
+    fused_decode: bool = Field(
+        True, description="Llama-family policies generate with a fused decode step (static KV cache, fused "
+        "QKV/MLP matmuls; same math); false = the model's own forward.")
+    skinny_decode_linear: bool = Field(
+        True, description="While the actor generates, F.linear over a few rows runs as W @ x.T (faster for "
+        "bf16 decode steps); false = torch's own kernel.")
+
+
+# --------------------------------------------------------------------------------------------
 class Recipe(Section):
     """A whole run. Sections a stage does not use must be omitted or left default."""
 
@@ -425,6 +445,7 @@ class Recipe(Section):
     dpo: DPOSection = Field(default_factory=DPOSection, description="DPO stage settings (preference pairs).")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, samples, wandb.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
+    cpu: CpuConfig = Field(default_factory=CpuConfig, description="CPU speed settings (applied on CPU only).")
 
     @model_validator(mode="after")
     def _stage_needs(self):

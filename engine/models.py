@@ -22,8 +22,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from rlhf_engine.config import ModelConfig, RecipeError
-from rlhf_engine.lean import make_lean
-from rlhf_engine.onednn import use_onednn_linears
+from rlhf_engine.console import LoadReport, new_modules
+from rlhf_engine.backends import cpu as cpu_backend
 from rlhf_engine.presets import (PRESETS, cache_root, cached_folder, convert_gguf, gguf_cache_key, list_presets,
                             use_distinct_pad)
 from rlhf_engine.seq2seq import Seq2SeqScalarModel, disable_dropout, is_seq2seq_config, set_decoder_start
@@ -224,7 +224,7 @@ def _contiguous_head_input(model: PreTrainedModel) -> None:
             args = (args[0].contiguous(), *args[1:])
         return args, kwargs
 
-    pre_hook.layout_only = True  # changes no value: the fused decoder (engine.decode) may bypass it
+    pre_hook.layout_only = True  # changes no value: the fused decoder (backends/cpu/decode.py) may bypass it
     head.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
@@ -248,6 +248,7 @@ def load_policy(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtype: DTy
     ``for_training=False`` (reference model) returns it in eval mode with gradients off.
     With LoRA the result is a peft ``PeftModel`` whose only trainable parameters are the adapters.
     """
+    report = LoadReport(cfg.name_or_path)
     _check_attn(cfg)
     resolved = resolve_model_path(cfg, cache_dir)
     config = _model_config(cfg, resolved)
@@ -258,7 +259,9 @@ def load_policy(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtype: DTy
                          "or encoder-decoder language model; the policy needs one (e.g. tiny-llama or tiny-t5)")
     _check_context_start(cfg, config)
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    model = auto.from_pretrained(resolved.path, **_load_kwargs(cfg, resolved, dtype))
+    model, info = auto.from_pretrained(resolved.path, output_loading_info=True, **_load_kwargs(cfg, resolved, dtype))
+    report.new_keys = new_modules(info.get("missing_keys"))
+    model.load_report = report  # printed in one line once the model's engine exists (console.report_model)
     _set_pad(model, load_tokenizer(cfg, cache_dir).pad_token_id)
     if seq2seq:
         set_decoder_start(model, cfg.context_start_token)
@@ -266,18 +269,12 @@ def load_policy(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtype: DTy
     else:
         _contiguous_head_input(model)
     if not for_training:
-        if cfg.onednn_linear:
-            use_onednn_linears(model)
-        return model.eval().requires_grad_(False)
+        return cpu_backend.tune_model(model, for_training=False).eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
         model = _lora(cfg, "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM", model)
-    if cfg.lean_activations:
-        make_lean(model)  # after LoRA: adapter-wrapped projections keep their own forward
-    if cfg.onednn_linear:
-        use_onednn_linears(model)  # after LoRA too: its base and adapter linears are plain nn.Linear
-    return model
+    return cpu_backend.tune_model(model)  # after LoRA: adapter-wrapped projections keep their own forward
 
 
 def load_scalar_model(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtype: DType = None,
@@ -288,6 +285,7 @@ def load_scalar_model(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtyp
     ``init_head_seed`` that head is the same on every rank and run (the caller's RNG is untouched).
     A saved ScalarModel (``hf_model.save_pretrained``) reloads its trained head.
     """
+    report = LoadReport(cfg.name_or_path)
     _check_attn(cfg)
     resolved = resolve_model_path(cfg, cache_dir)
     config = _model_config(cfg, resolved)
@@ -296,8 +294,9 @@ def load_scalar_model(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtyp
     with torch.random.fork_rng(devices=[], enabled=init_head_seed is not None):
         if init_head_seed is not None:
             torch.manual_seed(init_head_seed)
-        hf_model = AutoModelForSequenceClassification.from_pretrained(
-            resolved.path, num_labels=1, **_load_kwargs(cfg, resolved, dtype))
+        hf_model, info = AutoModelForSequenceClassification.from_pretrained(
+            resolved.path, num_labels=1, output_loading_info=True, **_load_kwargs(cfg, resolved, dtype))
+    report.new_keys = new_modules(info.get("missing_keys"))  # the value / score head of a causal-LM folder
     _set_pad(hf_model, load_tokenizer(cfg, cache_dir).pad_token_id)
     if seq2seq:
         set_decoder_start(hf_model, cfg.context_start_token)
@@ -306,11 +305,10 @@ def load_scalar_model(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtyp
         hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:  # SEQ_CLS keeps the head fully trainable (seq2seq heads are `classification_head`)
         hf_model = _lora(cfg, "SEQ_CLS", hf_model, ["classification_head"] if seq2seq else None)
-    if cfg.lean_activations:
-        make_lean(hf_model)
-    if cfg.onednn_linear:
-        use_onednn_linears(hf_model)
-    return Seq2SeqScalarModel(hf_model) if seq2seq else ScalarModel(hf_model, encoder=encoder)
+    cpu_backend.tune_model(hf_model)
+    scalar = Seq2SeqScalarModel(hf_model) if seq2seq else ScalarModel(hf_model, encoder=encoder)
+    scalar.load_report = report
+    return scalar
 
 
 # --------------------------------------------------------------------------------------------

@@ -247,8 +247,8 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
     A plain KV-cache loop (one forward per token, LM head on the last position only) that does what
     HF `generate()` does for our settings (min_new_tokens, temperature, top-k, top-p, greedy, EOS, then
     padding) without its per-token bookkeeping: ~1 s less per 32 tokens for SmolLM2 on 2 CPU cores.
-    Llama-family models decode with the fused step (`engine.decode.FusedDecoder`) unless
-    gen.fused_decode is off; others run their own forward with a DynamicCache.
+    Llama-family models decode with the CPU backend's fused step (`cpu.fused_decode`); others, and
+    every model on GPU, run their own forward with a DynamicCache.
     Stops when every row has ended unless `synced` (all ranks then run the same number of steps).
     """
     B = prompt_ids.shape[0]
@@ -308,17 +308,16 @@ def _say_once(message: str) -> None:
 
 def _decode_steps(model, prompt_ids: torch.Tensor, mask: torch.Tensor, gen: GenerationSection):
     """(prefill() -> logits [B, V], step(tokens [B]) -> logits [B, V]), float32 next-token logits."""
-    from rlhf_engine.decode import FusedDecoder
+    from rlhf_engine.backends import cpu as cpu_backend
 
     B, P = prompt_ids.shape
     if seq2seq.is_seq2seq(model):
         return seq2seq.decode_steps(model, prompt_ids, mask)
-    if gen.fused_decode:
-        why_not = FusedDecoder.why_unsupported(model)
-        if why_not is None:
-            decoder = FusedDecoder(model, B, P + gen.max_new_tokens)
-            return (lambda: decoder.prefill(prompt_ids, mask)), decoder.step
-        _say_once(f"generation.fused_decode: {why_not}; decoding with the model's own forward")
+    decoder, why_not = cpu_backend.fused_decoder(model, B, P + gen.max_new_tokens)
+    if decoder is not None:
+        return (lambda: decoder.prefill(prompt_ids, mask)), decoder.step
+    if why_not:
+        _say_once(f"cpu.fused_decode: {why_not}; decoding with the model's own forward")
 
     from transformers import DynamicCache
     positions = position_ids_from_mask(mask)
