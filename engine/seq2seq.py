@@ -25,8 +25,9 @@ from torch import nn
 
 from rlhf_engine import kernels
 
-__all__ = ["Seq2SeqScalarModel", "decode_steps", "decoder_inputs", "disable_dropout", "forward_logprobs",
-           "is_seq2seq", "is_seq2seq_config", "set_decoder_start", "split_sequences", "start_token_id"]
+__all__ = ["Seq2SeqScalarModel", "collate_sft", "decode_steps", "decoder_inputs", "disable_dropout",
+           "forward_logprobs", "hf_generate_inputs", "is_seq2seq", "is_seq2seq_config", "set_decoder_start",
+           "sft_logits", "split_sequences", "start_token_id", "to_right_padding"]
 
 
 def is_seq2seq_config(config) -> bool:
