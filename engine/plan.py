@@ -31,7 +31,7 @@ GIB = 2 ** 30
 SHIPPED = Path(__file__).with_name("model_configs")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # saved activations per token and decoder layer, in elements (measured with saved_tensors_hooks on
-# Llama-style layers, sdpa attention): lean MLP/RMSNorm (engine/lean.py) vs HF's own
+# Llama-style layers, sdpa attention): lean MLP/RMSNorm (backends/cpu/lean.py, cpu.lean_activations) vs HF's own
 ACT_H, ACT_I_LEAN, ACT_I_HF = 8.3, 2.0, 5.25
 ZERO_BUCKET = int(5e7)  # reduce / allgather / prefetch bucket elements set by distributed.ds_config
 OPTIONS = ("micro_batch_size", "gradient_checkpointing", "layers_per_group", "generation_batch_size", "zero_stage",
@@ -156,6 +156,8 @@ def _roles(recipe: Recipe) -> dict:
     from rlhf_engine import rl
     from rlhf_engine.trainer import critic_model_config
 
+    if recipe.stage == "dpo" and recipe.dpo.reference == "on_the_fly":  # precompute frees it before training
+        return {"model": (recipe.model, True, False), "reference": (recipe.reference or recipe.model, False, False)}
     if recipe.stage != "rl":
         return {"model": (recipe.model, True, recipe.stage == "reward")}
     roles = {"actor": (recipe.model, True, False), "reference": (recipe.reference or recipe.model, False, False)}
@@ -226,7 +228,7 @@ def plan_recipe(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1, gpu_memo
             add(everywhere, "weights", weights)
         if stage == 3:  # one layer being used and one prefetched, in the weight dtype
             add(tuple(p for p in ("score", "train") if p in phases), "gathered_params", min(n, 2 * shape.layer_params + ZERO_BUCKET) * bw, role)
-        act_el = ACT_H * shape.hidden + (ACT_I_LEAN if cfg.lean_activations else ACT_I_HF) * shape.intermediate
+        act_el = ACT_H * shape.hidden + (ACT_I_LEAN if recipe.cpu.lean_activations else ACT_I_HF) * shape.intermediate
         if cfg.attn_implementation == "eager":
             act_el += shape.heads * T
         layer_act = act_el * ba  # bytes per token per layer
