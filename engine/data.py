@@ -479,6 +479,9 @@ def load_sft(cfg: DatasetConfig, tokenizer, seed: int):
                 raise _bad(row, cfg, "messages", "a conversation ending with an assistant message (the response)",
                            f"ends with a '{messages[-1]['role']}' message")
             prompt, response = messages[:-1], messages[-1]["content"]
+        elif row.get(_column(cfg, "response")) is None and row.get(_column(cfg, "references")) is not None:
+            # a task with references and no response column: the warm start trains on the first reference
+            prompt, response = _prompt(row, cfg), _references(row, cfg)[0]
         else:
             prompt, response = _prompt(row, cfg), _text(row, cfg, "response")
         fit = _fit_prompt(tokenizer, cfg, prompt, _prompt_budget(cfg))

@@ -274,6 +274,41 @@ def _tiny_seq2seq(root: Path, kind: str) -> Path:
     return cached_folder(root, f"tiny-{kind}", build, f"tiny random {kind.upper()} (SmolLM2 tokenizer)")
 
 
+# the numbers 0-99 and 100 frequent English words: a vocabulary a random policy can explore on a CPU
+WORDS = ("the a and of to in is it you that was for on are with as i his they be at one have this from or had by "
+         "word but what some we can out other were all there when up use your how said an each she which do their "
+         "time if will way about many then them write would like so these her long make thing see him two has look "
+         "more day could go come did number sound no most people my over know water than call first who may down "
+         "side been now find").split()
+
+
+def word_tokenizer():
+    """A word-level tokenizer (``tokenizers`` library; lowercased, split on whitespace and punctuation):
+    <pad> (0), </s> (1), <unk> (2), the numbers 0-99, then WORDS. 203 tokens."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<pad>", "</s>", "<unk>"] + [str(i) for i in range(100)] + list(WORDS)
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _tiny_t5_words(root: Path) -> Path:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    def build(out: Path):
+        tokenizer = word_tokenizer()
+        config = T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                          num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu", initializer_factor=0.3,
+                          decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)  # False: unscaled head
+        _save_seeded(T5ForConditionalGeneration, config, tokenizer, out)
+
+    return cached_folder(root, "tiny-t5-words", build, "tiny random T5 (word-level tokenizer)")
+
+
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Preset:
@@ -291,6 +326,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("tiny-bert", "random 2-layer BERT (hidden 64) with the MiniLM tokenizer; for reward tests", _tiny_bert),
     Preset("tiny-t5", "random 2+2-layer T5 encoder-decoder (hidden 64) with the SmolLM2 tokenizer; seq2seq tests",
            lambda root: _tiny_seq2seq(root, "t5")),
+    Preset("tiny-t5-words", "random 2+2-layer T5 with a 203-word tokenizer (numbers 0-99 + frequent words); "
+           "seq2seq RL demos on CPU", _tiny_t5_words),
     Preset("tiny-bart", "random 2+2-layer BART encoder-decoder (hidden 64) with the SmolLM2 tokenizer; seq2seq tests",
            lambda root: _tiny_seq2seq(root, "bart")),
 )}

@@ -25,8 +25,9 @@ from torch import nn
 
 from rlhf_engine import kernels
 
-__all__ = ["Seq2SeqScalarModel", "decode_steps", "decoder_inputs", "disable_dropout", "forward_logprobs",
-           "is_seq2seq", "is_seq2seq_config", "set_decoder_start", "split_sequences", "start_token_id"]
+__all__ = ["Seq2SeqScalarModel", "collate_sft", "decode_steps", "decoder_inputs", "disable_dropout",
+           "forward_logprobs", "hf_generate_inputs", "is_seq2seq", "is_seq2seq_config", "set_decoder_start",
+           "sft_logits", "split_sequences", "start_token_id", "to_right_padding"]
 
 
 def is_seq2seq_config(config) -> bool:
@@ -173,3 +174,28 @@ class Seq2SeqScalarModel(nn.Module):
                                  use_cache=False).last_hidden_state
         head = base.classification_head
         return head(hidden.to(head.out_proj.weight.dtype)).squeeze(-1).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# supervised fine-tuning (engine/sft.py): the prompt is the encoder input, the response the labels
+def collate_sft(items: list[dict], pad_id: int) -> dict:
+    """SFT rows ({"input_ids": prompt + response (+ EOS), "prompt_len"}) -> {"input_ids" [B, P] encoder input,
+    "attention_mask" [B, P] (right-padded), "labels" [B, 1+R]: -100, then the response, -100 as padding}.
+
+    The leading -100 lines the labels up with `sft.sft_loss`, which drops the first label: decoder
+    position t (input [start, y_0, ...]) predicts y_t.
+    """
+    from rlhf_engine.data import _pad
+
+    enc, enc_mask = _pad([it["input_ids"][:it["prompt_len"]] for it in items], pad_id, left=False)
+    resp, resp_mask = _pad([it["input_ids"][it["prompt_len"]:] for it in items], pad_id, left=False)
+    labels = torch.cat([resp.new_full((len(items), 1), -100), resp.masked_fill(resp_mask == 0, -100)], dim=1)
+    return {"input_ids": enc, "attention_mask": enc_mask, "labels": labels}
+
+
+def sft_logits(model, batch: dict) -> torch.Tensor:
+    """Decoder logits [B, 1+R, V] of a `collate_sft` batch: decoder input [start, y_0, ..., y_{R-1}]."""
+    response = batch["labels"][:, 1:].clamp(min=0)  # padding (-100) becomes token 0; its outputs are ignored
+    dec = torch.cat([decoder_inputs(response, _config(model).decoder_start_token_id), response[:, -1:]], dim=1)
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec,
+                 use_cache=False).logits

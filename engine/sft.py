@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from rlhf_engine import kernels
+from rlhf_engine import kernels, seq2seq
 from rlhf_engine.config import Recipe
 from rlhf_engine.data import collate_sft, load_sft
 from rlhf_engine.distributed import DistInfo
@@ -51,7 +51,14 @@ class SFTTask:
         self.pad_token_id = pad_token_id
 
     def build_model(self, recipe: Recipe) -> nn.Module:
-        return load_policy(recipe.model, recipe.cache_dir)
+        model = load_policy(recipe.model, recipe.cache_dir)
+        self.encoder_decoder = seq2seq.is_seq2seq(model)  # encoder-decoder: prompt -> encoder, response -> decoder
+        if self.encoder_decoder and recipe.sft.pack:
+            raise ValueError("sft.pack packs causal sequences; the encoder-decoder model "
+                             f"'{recipe.model.name_or_path}' trains unpacked: remove sft.pack from the recipe")
+        return model
+
+    encoder_decoder = False  # set by build_model
 
     def load_data(self, recipe: Recipe, tokenizer):
         self.pad_token_id = tokenizer.pad_token_id
@@ -61,10 +68,14 @@ class SFTTask:
         return len(item["input_ids"]) - item["prompt_len"]
 
     def collate(self, items: list[dict]) -> dict:
+        if self.encoder_decoder:
+            return seq2seq.collate_sft(items, self.pad_token_id)
         return collate_sft(items, self.pad_token_id, pack=self.recipe.sft.pack, max_length=self.recipe.data.max_length)
 
     def forward_logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """[B, L, V] logits of a collated batch (packed batches: position ids, no attention mask)."""
+        if self.encoder_decoder:
+            return seq2seq.sft_logits(model, batch)
         packed = "position_ids" in batch
         out = model(input_ids=batch["input_ids"], attention_mask=None if packed else batch["attention_mask"],
                     position_ids=batch.get("position_ids"), use_cache=False)

@@ -125,3 +125,47 @@ def test_lora_critic_keeps_its_value_head_trainable():
     trainable = [n for n, p in critic.named_parameters() if p.requires_grad]
     assert any("classification_head" in n for n in trainable) and any("lora_A" in n for n in trainable)
     assert not any("lora" not in n and "classification_head" not in n for n in trainable)
+
+
+def test_seq2seq_sft_loss_is_the_models_own_and_training_lowers_it(tmp_path, restore_env):
+    from transformers import AutoModelForSeq2SeqLM as Auto
+
+    from rlhf_engine.config import load_recipe
+    from rlhf_engine.data import load_sft
+    from rlhf_engine.seq2seq import collate_sft
+    from rlhf_engine.sft import SFTTask, sft_loss, train_sft
+
+    recipe = load_recipe(REPO / "recipes/tiny/sft-zero3.yaml", [
+        f"output_dir={tmp_path}", "model.name_or_path=tiny-t5", "data.chat_template=false", "deepspeed.zero_stage=0",
+        "train.steps=4", "train.epochs=1", "train.eval_size=8", "data.limit=48", "num_threads=2"])
+    tokenizer = load_tokenizer(recipe.model)
+    train, _, _ = load_sft(recipe.data, tokenizer, recipe.seed)
+    items = [train[i] for i in range(3)]
+    task = SFTTask(recipe)
+    model = task.build_model(recipe).eval()
+    task.pad_token_id = tokenizer.pad_token_id
+    batch = task.collate(items)
+    assert torch.equal(batch["labels"], collate_sft(items, tokenizer.pad_token_id)["labels"])
+    assert batch["labels"].shape[1] == 1 + max(len(it["input_ids"]) - it["prompt_len"] for it in items)
+    loss, n = sft_loss(task.forward_logits(model, batch), batch["labels"])
+    hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"][:, 1:].contiguous()).loss
+    assert n == sum(len(it["input_ids"]) - it["prompt_len"] for it in items)
+    assert loss.item() == pytest.approx(hf.item(), rel=1e-5)  # HF shifts the labels right with the start token
+    summary = train_sft(recipe)
+    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"] - 0.01
+    assert type(Auto.from_pretrained(summary["final_dir"])).__name__ == "T5ForConditionalGeneration"
+
+
+def test_sft_rows_without_a_response_train_on_the_first_reference():
+    import json
+
+    from rlhf_engine.config import DatasetConfig
+    from rlhf_engine.data import load_sft
+
+    path = REPO / "recipes/data/data2text-train.jsonl"
+    tokenizer = load_tokenizer(ModelConfig(name_or_path="tiny-t5"))
+    cfg = DatasetConfig(path=str(path), chat_template=False, max_length=128, shuffle=False, limit=2)
+    train, _, _ = load_sft(cfg, tokenizer, 0)
+    first = json.loads(path.read_text().splitlines()[0])
+    response = tokenizer.decode(train[0]["input_ids"][train[0]["prompt_len"]:], skip_special_tokens=True)
+    assert response.strip() == first["references"][0]
