@@ -220,7 +220,7 @@ def plan_recipe(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1, gpu_memo
         models[role] = {"source": shape.source, "params": n_total, "trainable": nt, "zero_stage": stage}
         shard = world if stage == 3 else 1
         weights = n_total * bw / shard
-        if stage == 3 and ds.offload_params:
+        if stage == 3 and (ds.offload_params or (not trainable and ds.frozen_offload_params)):
             host += weights * gpus_per_node
         else:
             add(everywhere, "weights", weights)
