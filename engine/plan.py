@@ -286,6 +286,11 @@ def plan_recipe(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1, gpu_memo
         for p in chosen:
             for key, value in p.items():
                 phases[ph][key] = phases[ph].get(key, 0) + value
+        if len(chosen) > 1:  # each engine steps (and frees its .grad) before the next one's backward
+            grads = max(p.get("gradients", 0) for p in chosen)
+            if grads:
+                phases[ph]["gradients"] = phases[ph].get("gradients", 0) - sum(p.get("gradients", 0) for p in chosen) \
+                    + grads
     totals = {ph: sum(parts.values()) for ph, parts in phases.items() if parts}
     peak = max(totals, key=totals.get)
     plan = Plan(recipe=name or recipe.name, world_size=world, gpus_per_node=gpus_per_node, nodes=nodes,
