@@ -253,6 +253,7 @@ def plan_recipe(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1, gpu_memo
         fused = recipe.stage == "rl" and recipe.ppo.fuse_scoring and (
             stage < 3 or sizes.gradient_accumulation_steps == 1) and (role == "actor" or sizes.num_mini_batches == 1)
         rows = (sizes.local_rollout_sequences // sizes.num_mini_batches) if fused else sizes.micro_batch_size
+        rows *= 2 if recipe.stage == "reward" else 1  # a preference row is a chosen and a rejected sequence
         ckpt = cfg.gradient_checkpointing
         kept = rows * T * (shape.hidden * ba if ckpt else layer_act) * shape.num_layers
         add(("train",), "activations", kept + sizes.micro_batch_size * T * layer_act * (2 if ckpt else 1), role)
