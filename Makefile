@@ -15,7 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 install: $(STAMP) tcmalloc wordnet
 
-# tcmalloc for training processes (rlhf_engine.allocator preloads it): Debian's libtcmalloc-minimal4,
+# tcmalloc for training processes (the CPU backend preloads it: cpu.allocator): Debian's libtcmalloc-minimal4,
 # installed with apt-get when we are root; otherwise a note (training then runs on glibc malloc).
 tcmalloc:
 	@if [ -n "$$(ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 2>/dev/null)" ]; then :; \

@@ -95,15 +95,16 @@ def _save_hf_description(engine, out: Path) -> dict:
     peft = hasattr(hf, "peft_config")
     base = hf.get_base_model() if peft else hf
     cls = type(base).__name__
-    kind = next((k for k, suffix in (("seq_cls", "ForSequenceClassification"), ("causal_lm", "ForCausalLM"))
-                 if cls.endswith(suffix)), None)
+    kind = next((k for k, suffix in (("seq_cls", "ForSequenceClassification"), ("causal_lm", "ForCausalLM"),
+                                     ("seq2seq_lm", "ForConditionalGeneration")) if cls.endswith(suffix)), None)
     if kind is None:
-        raise CheckpointError(f"cannot export a {cls}: expected a *ForCausalLM or *ForSequenceClassification model")
+        raise CheckpointError(f"cannot export a {cls}: expected a *ForCausalLM, *ForConditionalGeneration or "
+                              "*ForSequenceClassification model")
     out.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(base.config)
     config.architectures = [cls]  # a critic loaded from a causal-LM folder still says *ForCausalLM
     config.save_pretrained(out)
-    if kind == "causal_lm" and getattr(base, "generation_config", None) is not None:
+    if kind in ("causal_lm", "seq2seq_lm") and getattr(base, "generation_config", None) is not None:
         base.generation_config.save_pretrained(out)
     if peft:
         hf.peft_config[hf.active_adapter].save_pretrained(out)
@@ -316,13 +317,14 @@ def _consolidated_state_dict(ckpt: Path, name: str, info: dict) -> dict[str, tor
 
 def _rebuild(hf_dir: Path, info: dict, state: dict, name: str):
     """HF model (or peft wrapper) from the saved config, with ``state`` loaded exactly."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers
         from transformers.modeling_utils import no_init_weights
-    auto = AutoModelForSequenceClassification if info["kind"] == "seq_cls" else AutoModelForCausalLM
+    auto = {"seq_cls": AutoModelForSequenceClassification, "seq2seq_lm": AutoModelForSeq2SeqLM}.get(
+        info["kind"], AutoModelForCausalLM)
     with no_init_weights():  # every weight is overwritten below; random init would only cost time
         model = auto.from_config(AutoConfig.from_pretrained(hf_dir), dtype=getattr(torch, info["dtype"]))
     if info["peft"]:
@@ -396,7 +398,7 @@ def export_run(run_dir: Path, out_dir: Path, *, step: Optional[int] = None, whic
         if adapter_only:  # peft saves adapter_config.json + adapter_model.safetensors
             base_name = recipe.get("model", {}).get("name_or_path")
             model.peft_config[model.active_adapter].base_model_name_or_path = base_name
-        elif info["kind"] == "causal_lm" and (hf_dir / "generation_config.json").is_file():
+        elif info["kind"] in ("causal_lm", "seq2seq_lm") and (hf_dir / "generation_config.json").is_file():
             from transformers import GenerationConfig
             model.generation_config = GenerationConfig.from_pretrained(hf_dir)
         model.save_pretrained(tmp)
@@ -440,7 +442,8 @@ def write_model_card(out: Path, *, run_dir: Path, recipe: dict, step: int, engin
     seq_cls = info["kind"] == "seq_cls"
     hub_like = model.count("/") == 1 and not Path(model).expanduser().exists()  # card metadata wants a hub id
     front = {"library_name": "peft" if adapter_only else "transformers",
-             "pipeline_tag": "text-classification" if seq_cls else "text-generation",
+             "pipeline_tag": "text-classification" if seq_cls else
+             "text2text-generation" if info["kind"] == "seq2seq_lm" else "text-generation",
              "tags": ["rlhf-engine", stage] + ([algo] if algo else []) + (["reward-model"] if seq_cls else [])}
     if hub_like:
         front["base_model"] = model
@@ -450,7 +453,8 @@ def write_model_card(out: Path, *, run_dir: Path, recipe: dict, step: int, engin
         for p in plots:
             shutil.copy2(p, out / "plots" / p.name)
     metrics, evals = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl")
-    auto = "AutoModelForSequenceClassification" if seq_cls else "AutoModelForCausalLM"
+    auto = ("AutoModelForSequenceClassification" if seq_cls else
+            "AutoModelForSeq2SeqLM" if info["kind"] == "seq2seq_lm" else "AutoModelForCausalLM")
     load = (f"from peft import PeftModel\nfrom transformers import {auto}\n"
             f"base = {auto}.from_pretrained(\"{model}\")\n"
             f"model = PeftModel.from_pretrained(base, \"path/to/this/folder\")"
@@ -463,6 +467,7 @@ def write_model_card(out: Path, *, run_dir: Path, recipe: dict, step: int, engin
         f"Trained with rlhf-engine (stage `{stage}`" + (f", algorithm `{algo}`" if algo else "") + f"), exported "
         f"from checkpoint step {step} of `{run_dir}`. "
         + ("A sequence-classification model with one label: its logit is the score / value." if seq_cls
+           else "An encoder-decoder (seq2seq) language model." if info["kind"] == "seq2seq_lm"
            else "A causal language model."),
         f"- Base model: `{model}`\n- Data: `{recipe.get('data', {}).get('path', '?')}`\n"
         f"- Weights: {info['dtype']}, trained with ZeRO stage {info['zero_stage']}",

@@ -1,4 +1,4 @@
-"""`rlhf-engine` command line: train, validate, plan, export, presets, serve-reward.
+"""`rlhf-engine` command line: train, validate, plan, export, report, presets, serve-reward.
 
 Thin on purpose: every command parses a recipe (or a run folder) and calls one library function.
 Settings live in the recipe, not in flags: `--set a.b.c=value` overrides any recipe key.
@@ -127,12 +127,12 @@ def cmd_train(args) -> int:
         derive_batch_sizes(recipe, args.nproc)
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), str(WORKER),
                args.recipe, *[f"--set={o}" for o in args.overrides],
-               *([f"--resume={args.resume}"] if args.resume else [])]
+               *([f"--resume={args.resume}"] if args.resume else []), *(["--verbose"] if args.verbose else [])]
         print("[launch] " + " ".join(cmd), file=sys.stderr, flush=True)
         return subprocess.call(cmd)
     from rlhf_engine.worker import run
 
-    run(recipe, resume=args.resume)
+    run(recipe, resume=args.resume, process_start=args.process_start, verbose=args.verbose)
     return 0
 
 
@@ -192,6 +192,13 @@ def cmd_serve_reward(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from rlhf_engine.report import write_report
+
+    print(f"report: {write_report(args.runs, args.out)}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-engine", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,6 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory-check", action="store_true",
                    help="on a GPU, start even when the memory plan says the run does not fit")
     _add_model_config_arg(p)
+    p.add_argument("--verbose", action="store_true",
+                   help="keep the libraries' progress bars and warnings (default: one line per model)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("plan", help="per-rank peak memory by phase and component, and what makes it fit")
@@ -247,15 +256,17 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=5000, help="port (0 picks a free one)")
     p.set_defaults(fn=cmd_serve_reward)
 
+    p = sub.add_parser("report", help="rebuild a run's report.md (several runs: one overlaid figure)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) (<output_dir>/<name>)")
+    p.add_argument("--out", default=None, help="folder for report.md and report.png (default: the run's folder; "
+                   "several runs: <first run's parent>/compare)")
+    p.set_defaults(fn=cmd_report)
+
     p = sub.add_parser("presets", help="list the named model presets")
     p.set_defaults(fn=cmd_presets)
 
     args = parser.parse_args(argv)
-    if args.command == "train" and argv is None:  # a real process start (not a library call): tcmalloc first
-        from rlhf_engine.allocator import ensure_tcmalloc, report_allocator
-
-        ensure_tcmalloc()
-        report_allocator()
+    args.process_start = argv is None  # a real process start (not a library call): the CPU backend may re-exec
     try:
         return args.fn(args)
     except RecipeError as e:

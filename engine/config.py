@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Precision = Literal["fp32", "bf16", "fp16"]
-TrainPrecision = Literal["fp32", "bf16", "fp16", "bf16_autocast"]
+TrainPrecision = Literal["auto", "fp32", "bf16", "fp16", "bf16_autocast"]
 
 
 class Section(BaseModel):
@@ -47,14 +47,11 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; flash_attention_2 needs CUDA and the flash-attn package.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    lean_activations: bool = Field(
-        True, description="Llama/Mistral/Qwen2 MLPs and RMSNorms keep ~40% fewer activations for backward "
-                          "(engine/lean.py; same forward numbers, no extra matmul).")
-    onednn_linear: bool = Field(
-        True, description="float32 linears on CPU run on oneDNN instead of MKL (engine/onednn.py; faster on "
-                          "the CPUs measured, same float32 math); no effect on other dtypes or devices.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it).")
     lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters instead of all weights.")
+    context_start_token: Optional[int] = Field(
+        None, ge=0, description="Encoder-decoder models only: token id the decoder starts from (RL4LMs' name); "
+                                "default the model config's decoder_start_token_id.")
 
 
 class CriticConfig(Section):
@@ -158,8 +155,10 @@ class DeepSpeedSection(Section):
     offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO 1-3).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3).")
     precision: TrainPrecision = Field(
-        "fp32", description="Training precision: bf16/fp16 = DeepSpeed half weights + fp32 master copies; "
-        "bf16_autocast = fp32 weights, grads and optimizer with bf16 matmuls (torch.autocast; fastest on CPU).")
+        "auto", description="Training precision: bf16/fp16 = DeepSpeed half weights + fp32 master copies; "
+        "bf16_autocast = fp32 weights, grads and optimizer with bf16 matmuls (torch.autocast); auto = bf16 on "
+        "GPUs that support it (else fp32), on CPU fp32 or bf16_autocast, whichever a short matmul probe at the "
+        "model's shapes finds faster (recorded in run.json and the summary).")
     frozen_zero_stage: Optional[Literal[0, 3]] = Field(
         None, description="Reference/reward models: 3 = partitioned, 0 = replicated; default follows zero_stage.")
     frozen_offload_params: bool = Field(
@@ -215,8 +214,6 @@ class GenerationSection(Section):
     do_sample: bool = Field(True, description="Sample (true) or greedy (false).")
     stop_strings: list[str] = Field(default_factory=list, description="Stop a response at any of these strings.")
     ignore_eos: bool = Field(False, description="Always generate max_new_tokens; tokens after EOS count too.")
-    fused_decode: bool = Field(True, description="Llama-family policies decode with the engine's fused step "
-                               "(static KV cache, fused QKV/MLP matmuls; same math); false = the model's own forward.")
     dtype: Optional[Precision] = Field(
         None, description="Weight dtype while generating (a temporary cast; trained weights untouched). "
         "Default: bf16 under deepspeed.precision bf16_autocast, else the weights' own dtype.")
@@ -263,10 +260,17 @@ class EvalSection(Section):
         return [MetricConfig(name=m) if isinstance(m, str) else m for m in self.metrics]
 
 
+GROUP_ALGORITHMS = ("grpo", "rloo", "dr_grpo", "reinforce++-baseline")  # baselines over a prompt's group
+
+
 class PPOConfig(Section):
     """The clipped policy-gradient loop; `algorithm` picks the advantage estimator (GAE or a baseline)."""
 
-    algorithm: Literal["ppo", "grpo", "rloo", "reinforce++"] = Field("ppo", description="Advantage estimator.")
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce++", "dr_grpo", "reinforce++-baseline", "a2c", "trpo",
+                       "nlpo"] = Field(
+        "ppo", description="Advantage estimator and update: critic-based ppo (clipped), a2c (one unclipped step), "
+        "trpo (natural-gradient step in a KL trust region), nlpo (ppo with a top-p masked policy); critic-free "
+        "grpo, dr_grpo, rloo, reinforce++, reinforce++-baseline (docs/rl-algorithms.md).")
     group_size: int = Field(1, gt=0, description="Responses sampled per prompt (GRPO/RLOO need >= 2).")
     ppo_epochs: int = Field(1, gt=0, description="Passes over each rollout batch.")
     kl_coef: float = Field(0.05, ge=0, description="Initial beta of the per-token KL penalty.")
@@ -289,14 +293,59 @@ class PPOConfig(Section):
         "each RL step, checkpointed, evaluated as ema/* in eval.jsonl, exported with `export --ema`).")
     ptx_coef: float = Field(0.0, ge=0, description="Weight of the language-model loss on ptx_data rows added to "
                             "every actor update (InstructGPT's PPO-ptx; 0 = off).")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="How per-token policy losses become one number: mean over tokens, mean of "
+        "per-response means, mean of per-response sums, or those sums / max_new_tokens (Dr.GRPO).")
+    cliprange_high: Optional[float] = Field(
+        None, gt=0, description="Upper ratio clip eps_high (DAPO clip-higher: 1+eps_high); default: cliprange, "
+        "which is then eps_low.")
+    ratio_level: Literal["token", "sequence"] = Field(
+        "token", description="Importance ratio per token (PPO) or per response, the geometric mean over its "
+        "tokens (GSPO; use tiny clip ranges such as 3e-4 / 4e-4).")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO: drop prompt groups whose scores are all equal and generate more prompts "
+        "until the batch is full (needs group_size >= 2).")
+    dynamic_sampling_max_rounds: int = Field(
+        4, gt=0, description="Cap on generation rounds per step for dynamic sampling; a batch still short "
+        "after it is filled with dropped groups (logged as dynamic_sampling/filled_groups).")
+    overlong_buffer: Optional[int] = Field(
+        None, gt=0, description="DAPO overlong penalty: responses longer than max_new_tokens - buffer lose up to "
+        "overlong_penalty_factor, linearly in the extra tokens.")
+    overlong_penalty_factor: float = Field(1.0, ge=0, description="Largest overlong penalty (at max_new_tokens).")
+    old_logprobs: Literal["recompute", "generation"] = Field(
+        "recompute", description="Old log-probs of the PPO ratio: a training forward (exact) or the generation's "
+        "own (saves the scoring pass; the ratio then also absorbs the train-inference mismatch).")
+    rollout_correction: Literal["none", "tis", "mis-token", "mis-sequence"] = Field(
+        "none", description="Weigh the policy loss by pi_train/pi_inference per token: truncated (tis) or masked "
+        "per token / per response (mis-*); needs old_logprobs: recompute.")
+    rollout_is_cap: float = Field(
+        2.0, gt=1, description="TIS truncation cap C; MIS keeps weights in [1/C, C].")
+    mismatch_threshold: float = Field(
+        0.1, gt=0, description="mismatch/frac_over logs the share of tokens whose |logp_train - logp_inference| "
+        "exceeds this.")
+    trpo_max_kl: float = Field(0.01, gt=0, description="TRPO trust region: mean per-token KL(old || new) per step.")
+    trpo_cg_iters: int = Field(10, gt=0, description="TRPO conjugate-gradient iterations.")
+    trpo_damping: float = Field(0.1, ge=0, description="TRPO: F + damping * I in the conjugate gradient.")
+    trpo_backtracks: int = Field(10, gt=0, description="TRPO line search: halvings of the step tried.")
+    nlpo_top_p: float = Field(
+        0.9, gt=0, le=1, description="NLPO: the actor samples only tokens inside the mask model's top-p set.")
+    nlpo_mask_update_every: int = Field(
+        5, gt=0, description="NLPO: copy the actor into the mask model every N steps.")
     fuse_scoring: bool = Field(
         True, description="Take the first mini-batch's old log-probs from its own update forward (the policy has not "
                           "moved yet) instead of a scoring pass; with 1 mini-batch the critic's values too.")
 
     @model_validator(mode="after")
     def _groups(self):
-        if self.algorithm in ("grpo", "rloo") and self.group_size < 2:
+        if self.algorithm in GROUP_ALGORITHMS and self.group_size < 2:
             raise ValueError(f"ppo.algorithm '{self.algorithm}' needs ppo.group_size >= 2")
+        if self.dynamic_sampling and self.group_size < 2:
+            raise ValueError("ppo.dynamic_sampling needs ppo.group_size >= 2 (it filters groups of one prompt)")
+        if self.rollout_correction != "none" and self.old_logprobs != "recompute":
+            raise ValueError(f"ppo.rollout_correction '{self.rollout_correction}' weighs the training engine's "
+                             "log-probs against the generation's: set ppo.old_logprobs: recompute")
+        if self.algorithm in ("a2c", "trpo") and self.ppo_epochs != 1:
+            raise ValueError(f"ppo.algorithm '{self.algorithm}' makes one update per rollout: set ppo.ppo_epochs: 1")
         return self
 
 
@@ -307,6 +356,16 @@ class SFTSection(Section):
 class RewardModelSection(Section):
     center_coef: float = Field(
         0.0, ge=0, description="Reward model: weight of the centering term (s_chosen + s_rejected)^2.")
+
+
+class DPOSection(Section):
+    beta: float = Field(0.1, gt=0, description="DPO / IPO beta: strength of the pull towards the reference.")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid = DPO's -log sigmoid(beta h); ipo = IPO's (h - 1/(2 beta))^2 on per-token "
+        "mean log-probs.")
+    reference: Literal["precompute", "on_the_fly"] = Field(
+        "precompute", description="Reference log-probs: one pass over every row before training (the reference is "
+        "then freed) or a reference forward per micro-batch.")
 
 
 class HybridConfig(Section):
@@ -336,11 +395,38 @@ class CheckpointConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------
+# CPU backend (rlhf_engine.backends.cpu): applied at the start of a run on CPU only, never on GPU
+class CpuConfig(Section):
+    allocator: Literal["auto", "tcmalloc", "system"] = Field(
+        "auto", description="malloc of training processes: tcmalloc (preloaded; faster steps, less memory), "
+        "system, or auto = tcmalloc when installed (libtcmalloc-minimal4), else system.")
+    transparent_huge_pages: bool = Field(
+        True, description="torch's CPU allocator puts large tensors on 2 MiB pages (THP_MEM_ALLOC_ENABLE=1; "
+        "fewer page faults per step). An explicit THP_MEM_ALLOC_ENABLE in the environment wins.")
+    keep_freed_memory: bool = Field(
+        True, description="glibc keeps freed memory for the next step instead of unmapping it (mallopt "
+        "thresholds of 1 GiB); peak memory is unchanged.")
+    onednn_linear: bool = Field(
+        True, description="float32 nn.Linear layers run on oneDNN instead of MKL (same float32 math; faster "
+        "on the CPUs measured); no effect on other dtypes.")
+    lean_activations: bool = Field(
+        True, description="Llama/Mistral/Qwen2 MLPs and RMSNorms keep ~40% fewer activations for backward "
+        "(same forward numbers, no extra matmul).")
+    fused_decode: bool = Field(
+        True, description="Llama-family policies generate with a fused decode step (static KV cache, fused "
+        "QKV/MLP matmuls; same math); false = the model's own forward.")
+    skinny_decode_linear: bool = Field(
+        True, description="While the actor generates, F.linear over a few rows runs as W @ x.T (faster for "
+        "bf16 decode steps); false = torch's own kernel.")
+
+
+# --------------------------------------------------------------------------------------------
 class Recipe(Section):
     """A whole run. Sections a stage does not use must be omitted or left default."""
 
     name: str = Field(..., description="Run name: the run folder is <output_dir>/<name>.")
-    stage: Literal["sft", "reward", "rl"] = Field(..., description="Which training stage this recipe runs.")
+    stage: Literal["sft", "reward", "rl", "dpo"] = Field(
+        ..., description="Which training stage this recipe runs.")
     seed: int = Field(42, description="Seed for data order, sampling and initialisation.")
     output_dir: str = Field("runs", description="Parent folder of run folders (relative to the working dir).")
     cache_dir: Optional[str] = Field(None, description="Where converted models are cached (default ~/.cache).")
@@ -357,13 +443,16 @@ class Recipe(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and LR schedule.")
     train: TrainConfig = Field(..., description="Steps and batch sizes.")
     generation: GenerationSection = Field(default_factory=GenerationSection, description="Sampling.")
-    ppo: PPOConfig = Field(default_factory=PPOConfig, description="RL loop settings (PPO, GRPO, RLOO, REINFORCE++).")
+    ppo: PPOConfig = Field(default_factory=PPOConfig,
+                           description="RL loop settings: PPO and every other algorithm of the one loop (ppo.algorithm).")
     hybrid: HybridConfig = Field(default_factory=HybridConfig, description="Hybrid engine.")
     sft: SFTSection = Field(default_factory=SFTSection, description="SFT stage settings.")
     reward_model: RewardModelSection = Field(default_factory=RewardModelSection,
                                              description="Reward-model stage settings.")
+    dpo: DPOSection = Field(default_factory=DPOSection, description="DPO stage settings (preference pairs).")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, samples, wandb.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
+    cpu: CpuConfig = Field(default_factory=CpuConfig, description="CPU speed settings (applied on CPU only).")
 
     @model_validator(mode="after")
     def _stage_needs(self):
@@ -380,6 +469,9 @@ class Recipe(Section):
                 raise ValueError(f"reward: several rewards are named {dup}; give each a distinct reward.name")
         if any(r.label == "mean" for r in self.reward_configs()):
             raise ValueError("reward.name 'mean' is taken (metrics key reward/mean is the shaped reward); pick another")
+        if (self.ppo.old_logprobs == "generation" or self.ppo.rollout_correction != "none") and self.generation.stop_strings:
+            raise ValueError("ppo.old_logprobs: generation and ppo.rollout_correction need the log-probs of the engine's "
+                             "own decode loop, but generation.stop_strings samples with HF generate(); drop one")
         return self
 
     def reward_configs(self) -> list[RewardConfig]:
@@ -416,8 +508,11 @@ def derive_batch_sizes(recipe: Recipe, world_size: int) -> BatchSizes:
     per_step = t.micro_batch_size * world_size
     need(t.mini_batch_size % per_step == 0,
          f"mini_batch_size {t.mini_batch_size} must divide by micro_batch_size x world = {per_step}")
-    if recipe.stage == "rl" and recipe.ppo.algorithm in ("grpo", "rloo"):
+    if recipe.stage == "rl" and (recipe.ppo.algorithm in GROUP_ALGORITHMS or recipe.ppo.dynamic_sampling):
         need((seqs // world_size) % group == 0, "each rank must hold whole prompt groups")
+    if recipe.stage == "rl" and recipe.ppo.algorithm == "trpo":
+        need(seqs == t.mini_batch_size, f"ppo.algorithm trpo takes one step over the whole rollout: set "
+             f"mini_batch_size = rollout sequences ({seqs})")
     return BatchSizes(world_size=world_size, rollout_sequences=seqs, local_rollout_sequences=seqs // world_size,
                       mini_batch_size=t.mini_batch_size, num_mini_batches=seqs // t.mini_batch_size,
                       micro_batch_size=t.micro_batch_size,

@@ -20,6 +20,7 @@ from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from rlhf_engine.config import BatchSizes, OptimConfig, Recipe
+from rlhf_engine.console import report_model
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -287,6 +288,8 @@ def create_train_engine(model: nn.Module, recipe: Recipe, sizes: BatchSizes, *, 
         # DeepSpeed all-reduces even a world of one, flattening every gradient into buckets and
         # back: ~0.3-1 s per backward of a 135M model on CPU, for nothing
         engine.enable_backward_allreduce = False
+    report_model(engine, zero_stage=engine.zero_optimization_stage(), trained=True,
+                 autocast=bool(cfg.get("torch_autocast", {}).get("enabled")))
     return engine
 
 
@@ -301,6 +304,8 @@ def create_frozen_engine(model: nn.Module, recipe: Recipe, sizes: BatchSizes, *,
     cfg = ds_config(recipe, sizes, trainable=False, zero_stage=zero_stage)
     model.eval()
     model.requires_grad_(False)
+    report_model(model, zero_stage=config_zero_stage(cfg), trained=False,
+                 autocast=bool(cfg.get("torch_autocast", {}).get("enabled")))
     if config_zero_stage(cfg) != 3:
         model = model.to(device=local_device())
         if not cfg.get("torch_autocast", {}).get("enabled"):

@@ -24,9 +24,9 @@ How (architecture-agnostic, exact; no injected kernels, no second model):
    an autocast-trained actor keeps fp32 weights, and bf16 weights decode faster on CPU than fp32
    weights under autocast) and the attention kernel may be switched (CPU: train with eager, whose
    backward is fast, generate with SDPA); on exit the original tensors and kernel come back;
-6. decode steps (CPU, bf16): linears over a few rows run as ``W @ x.T`` (``skinny_linear``), a
-   faster kernel for memory-bound skinny products; Llama-family actors decode with the fused step
-   of ``engine.decode`` (static KV cache, fused QKV and gate/up matmuls) inside this context;
+6. decode steps (CPU backend only): linears over a few rows run as ``W @ x.T``, a faster kernel
+   for memory-bound skinny products, and Llama-family actors decode with the fused step (static KV
+   cache, fused QKV and gate/up matmuls); see ``rlhf_engine.backends.cpu``;
 7. exit: parameters we gathered are re-partitioned with ``has_been_updated=False`` (the gathered
    memory is freed, the shards and the optimizer state are untouched), hooks and flags restored.
 
@@ -60,6 +60,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from rlhf_engine.backends import cpu as cpu_backend
 from rlhf_engine.distributed import autocast_dtype
 
 try:  # deepspeed is a hard dependency of the project; the import guard only keeps errors clear
@@ -122,52 +123,6 @@ def original_linear() -> Iterator[None]:
         yield
     finally:
         F.linear = patched
-
-
-DECODE_ROWS = 16  # a linear over at most this many tokens is a decode step (batch x 1 new token)
-WIDE_HEAD_ROWS = 16384  # fp32 weights with this many output rows (an LM head over a vocabulary) also go W @ x.T
-
-
-_real_linear = torch._C._nn.linear  # what F.linear is before anyone (ZeRO-3, decode_linear) patches it
-
-
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, as ``weight @ x.T`` for decode-step shapes on CPU where that is faster.
-
-    A decode step multiplies batch x 1 tokens by every weight matrix: memory-bound. On CPU the
-    ``x @ W.T`` kernel behind ``F.linear`` streams bf16 weights at ~11 GB/s for 8 rows, ``W @ x.T``
-    at ~17 GB/s (same products, fp32 accumulation; measured on 2 Xeon cores): decoding SmolLM2-135M
-    in bf16 takes ~8-15% less time. In fp32 only a wide LM head gains (49152 x 576: ~12.7 vs ~10 GB/s;
-    the layers' own matrices are slower that way). Other shapes, CUDA and autograd use the real linear
-    (never ZeRO-3's wrapper)."""
-    faster = weight.dtype == torch.bfloat16 or (weight.dtype == torch.float32 and weight.shape[0] >= WIDE_HEAD_ROWS)
-    if (faster and weight.device.type == "cpu" and x.dtype == weight.dtype and x.dim() >= 2
-            and x.numel() <= DECODE_ROWS * x.shape[-1] and not torch.is_grad_enabled()):
-        out = (weight @ x.reshape(-1, x.shape[-1]).t()).t()
-        if bias is not None:
-            out = out + bias
-        return out.reshape(*x.shape[:-1], weight.shape[0])
-    return _real_linear(x, weight, bias)
-
-
-@contextmanager
-def decode_linear() -> Iterator[None]:
-    """Route every ``F.linear`` through `skinny_linear` (decode steps of any model's own forward);
-    the previous function is back on exit."""
-    import torch.nn.functional as F
-    real = F.linear
-
-    @functools.wraps(real)
-    def linear(x, weight, bias=None):
-        if x.dim() >= 2 and x.numel() <= DECODE_ROWS * x.shape[-1]:
-            return skinny_linear(x, weight, bias)
-        return real(x, weight, bias)
-
-    F.linear = linear
-    try:
-        yield
-    finally:
-        F.linear = real
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,7 +369,7 @@ class HybridEngine:
             undo.callback(_ModeSwitch(self.module, self.model).restore)
             if self.enabled:
                 undo.enter_context(original_linear())
-                undo.enter_context(decode_linear())
+                undo.enter_context(cpu_backend.decode_linears())  # no-op unless the CPU backend runs
                 undo.callback(_DetachedHooks(self.engine_hooks).restore)
                 if self.sharded:
                     groups, gathered = self._enter_sharded(undo)

@@ -60,10 +60,11 @@ def check_inputs(recipe: Recipe, *, outputs_later: bool = False) -> None:
     if recipe.stage == "rl" and recipe.critic.init_from not in ("actor", "reward"):
         _check_model("critic.init_from", recipe.model.model_copy(update={"name_or_path": recipe.critic.init_from,
                                                                          "gguf_file": None, "tokenizer": None}), later)
-    reward = recipe.reward
-    if recipe.stage == "rl" and reward is not None:
+    rewards = recipe.reward_configs() if recipe.stage == "rl" else []
+    for i, reward in enumerate(rewards):
+        key = "reward" if len(rewards) == 1 and not isinstance(recipe.reward, list) else f"reward[{i}]"
         if reward.type == "model" and reward.model is not None:
-            _check_model("reward.model", reward.model, later)
+            _check_model(f"{key}.model", reward.model, later)
         if reward.type == "callable":
             from rlhf_engine.rewards import load_function
             load_function(reward.function)

@@ -17,15 +17,16 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          PretrainedConfig, PreTrainedModel)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, PretrainedConfig, PreTrainedModel)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from rlhf_engine.config import ModelConfig, RecipeError
-from rlhf_engine.lean import make_lean
-from rlhf_engine.onednn import use_onednn_linears
+from rlhf_engine.console import LoadReport, new_modules
+from rlhf_engine.backends import cpu as cpu_backend
 from rlhf_engine.presets import (PRESETS, cache_root, cached_folder, convert_gguf, gguf_cache_key, list_presets,
                             use_distinct_pad)
+from rlhf_engine.seq2seq import Seq2SeqScalarModel, disable_dropout, is_seq2seq_config, set_decoder_start
 
 __all__ = ["PRESETS", "ResolvedModel", "ScalarModel", "dtype_of", "is_encoder", "list_presets", "load_policy",
            "load_scalar_model", "load_tokenizer", "resolve_model_path"]
@@ -162,12 +163,12 @@ def _model_config(cfg: ModelConfig, resolved: ResolvedModel) -> PretrainedConfig
                                       revision=cfg.revision if resolved.source == "hub" else None)
 
 
-def _lora(cfg: ModelConfig, task_type: str, model: PreTrainedModel):
+def _lora(cfg: ModelConfig, task_type: str, model: PreTrainedModel, modules_to_save: Optional[list] = None):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     lora = cfg.lora
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                              target_modules=lora.target_modules, task_type=task_type)
+                              target_modules=lora.target_modules, task_type=task_type, modules_to_save=modules_to_save)
     model = get_peft_model(model, peft_cfg)
     _reinit_partitioned_lora(model, peft_cfg.init_lora_weights)
     return model
@@ -199,6 +200,12 @@ def _set_pad(model: PreTrainedModel, pad_token_id: int) -> None:
         model.generation_config.pad_token_id = pad_token_id
 
 
+def _check_context_start(cfg: ModelConfig, config: PretrainedConfig) -> None:
+    if cfg.context_start_token is not None and not is_seq2seq_config(config):
+        raise ValueError(f"model.context_start_token is the decoder start token of encoder-decoder models; "
+                         f"'{cfg.name_or_path}' is a decoder-only '{config.model_type}' model: remove the key")
+
+
 # --------------------------------------------------------------------------------------------
 # loaders
 def _contiguous_head_input(model: PreTrainedModel) -> None:
@@ -217,7 +224,7 @@ def _contiguous_head_input(model: PreTrainedModel) -> None:
             args = (args[0].contiguous(), *args[1:])
         return args, kwargs
 
-    pre_hook.layout_only = True  # changes no value: the fused decoder (engine.decode) may bypass it
+    pre_hook.layout_only = True  # changes no value: the fused decoder (backends/cpu/decode.py) may bypass it
     head.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
@@ -235,34 +242,39 @@ def load_tokenizer(cfg: ModelConfig, cache_dir: Optional[str] = None):
 
 def load_policy(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtype: DType = None,
                 for_training: bool = True) -> PreTrainedModel:
-    """AutoModelForCausalLM for ``cfg``; with ``for_training``, gradient checkpointing and LoRA as configured.
+    """AutoModelForCausalLM (or, for an encoder-decoder config, AutoModelForSeq2SeqLM: engine/seq2seq.py) for
+    ``cfg``; with ``for_training``, gradient checkpointing and LoRA as configured.
 
     ``for_training=False`` (reference model) returns it in eval mode with gradients off.
     With LoRA the result is a peft ``PeftModel`` whose only trainable parameters are the adapters.
     """
+    report = LoadReport(cfg.name_or_path)
     _check_attn(cfg)
     resolved = resolve_model_path(cfg, cache_dir)
     config = _model_config(cfg, resolved)
+    seq2seq = is_seq2seq_config(config)
     known_causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "auto_map", None)
-    if is_encoder(config) or not known_causal:
+    if not seq2seq and (is_encoder(config) or not known_causal):
         raise ValueError(f"model.name_or_path '{cfg.name_or_path}' is a '{config.model_type}' model, not a causal "
-                         "language model; the policy needs one (e.g. smollm2-135m-instruct or tiny-llama)")
-    model = AutoModelForCausalLM.from_pretrained(resolved.path, **_load_kwargs(cfg, resolved, dtype))
+                         "or encoder-decoder language model; the policy needs one (e.g. tiny-llama or tiny-t5)")
+    _check_context_start(cfg, config)
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model, info = auto.from_pretrained(resolved.path, output_loading_info=True, **_load_kwargs(cfg, resolved, dtype))
+    report.new_keys = new_modules(info.get("missing_keys"))
+    model.load_report = report  # printed in one line once the model's engine exists (console.report_model)
     _set_pad(model, load_tokenizer(cfg, cache_dir).pad_token_id)
-    _contiguous_head_input(model)
+    if seq2seq:
+        set_decoder_start(model, cfg.context_start_token)
+        disable_dropout(model)
+    else:
+        _contiguous_head_input(model)
     if not for_training:
-        if cfg.onednn_linear:
-            use_onednn_linears(model)
-        return model.eval().requires_grad_(False)
+        return cpu_backend.tune_model(model, for_training=False).eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
-        model = _lora(cfg, "CAUSAL_LM", model)
-    if cfg.lean_activations:
-        make_lean(model)  # after LoRA: adapter-wrapped projections keep their own forward
-    if cfg.onednn_linear:
-        use_onednn_linears(model)  # after LoRA too: its base and adapter linears are plain nn.Linear
-    return model
+        model = _lora(cfg, "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM", model)
+    return cpu_backend.tune_model(model)  # after LoRA: adapter-wrapped projections keep their own forward
 
 
 def load_scalar_model(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtype: DType = None,
@@ -273,24 +285,30 @@ def load_scalar_model(cfg: ModelConfig, cache_dir: Optional[str] = None, *, dtyp
     ``init_head_seed`` that head is the same on every rank and run (the caller's RNG is untouched).
     A saved ScalarModel (``hf_model.save_pretrained``) reloads its trained head.
     """
+    report = LoadReport(cfg.name_or_path)
     _check_attn(cfg)
     resolved = resolve_model_path(cfg, cache_dir)
-    encoder = is_encoder(_model_config(cfg, resolved))
+    config = _model_config(cfg, resolved)
+    encoder, seq2seq = is_encoder(config), is_seq2seq_config(config)
+    _check_context_start(cfg, config)
     with torch.random.fork_rng(devices=[], enabled=init_head_seed is not None):
         if init_head_seed is not None:
             torch.manual_seed(init_head_seed)
-        hf_model = AutoModelForSequenceClassification.from_pretrained(
-            resolved.path, num_labels=1, **_load_kwargs(cfg, resolved, dtype))
+        hf_model, info = AutoModelForSequenceClassification.from_pretrained(
+            resolved.path, num_labels=1, output_loading_info=True, **_load_kwargs(cfg, resolved, dtype))
+    report.new_keys = new_modules(info.get("missing_keys"))  # the value / score head of a causal-LM folder
     _set_pad(hf_model, load_tokenizer(cfg, cache_dir).pad_token_id)
+    if seq2seq:
+        set_decoder_start(hf_model, cfg.context_start_token)
+        disable_dropout(hf_model)
     if cfg.gradient_checkpointing:
         hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora is not None:
-        hf_model = _lora(cfg, "SEQ_CLS", hf_model)  # SEQ_CLS keeps the head fully trainable
-    if cfg.lean_activations:
-        make_lean(hf_model)
-    if cfg.onednn_linear:
-        use_onednn_linears(hf_model)
-    return ScalarModel(hf_model, encoder=encoder)
+    if cfg.lora is not None:  # SEQ_CLS keeps the head fully trainable (seq2seq heads are `classification_head`)
+        hf_model = _lora(cfg, "SEQ_CLS", hf_model, ["classification_head"] if seq2seq else None)
+    cpu_backend.tune_model(hf_model)
+    scalar = Seq2SeqScalarModel(hf_model) if seq2seq else ScalarModel(hf_model, encoder=encoder)
+    scalar.load_report = report
+    return scalar
 
 
 # --------------------------------------------------------------------------------------------

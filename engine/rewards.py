@@ -346,6 +346,7 @@ def load_model_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_
     optional parameter offload); without it the whole model is moved to ``device``.
     """
     from rlhf_engine import models  # heavy (transformers); only the model reward needs it
+    from rlhf_engine.console import report_model
 
     kwargs = dict(reward_cfg.kwargs)
     _no_kwargs("model", kwargs, ("batch_size",))
@@ -360,6 +361,7 @@ def load_model_reward(reward_cfg: RewardConfig, *, policy_tokenizer=None, cache_
         model.eval().requires_grad_(False)
         if device is not None:
             model.to(device)
+        report_model(model, zero_stage=0, trained=False)  # a full replica on every rank
     tokenizer = models.load_tokenizer(reward_cfg.model, cache_dir=cache_dir)
     return ModelReward(model, tokenizer, policy_tokenizer=policy_tokenizer, name=f"model {reward_cfg.model.name_or_path}",
                        scale=reward_cfg.scale, device=device, **kwargs)

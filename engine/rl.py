@@ -17,7 +17,7 @@ import torch
 
 from rlhf_engine import kernels
 
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,10 +160,16 @@ def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 @register_advantage_estimator("ppo", needs_critic=True)
+@register_advantage_estimator("a2c", needs_critic=True)
+@register_advantage_estimator("trpo", needs_critic=True)
+@register_advantage_estimator("nlpo", needs_critic=True)
 def ppo_advantages(*, rewards, values, response_mask, gamma=1.0, lam=0.95, whiten=True, **_):
-    """GAE over shaped per-token rewards and critic values; returns = advantages + values (pre-whitening)."""
+    """GAE over shaped per-token rewards and critic values; returns = advantages + values (pre-whitening).
+
+    Shared by every critic-based algorithm (ppo, a2c, trpo, nlpo): they differ in the policy update only.
+    """
     if values is None:
-        raise ValueError("advantage estimator 'ppo' needs critic values; got values=None")
+        raise ValueError("critic-based advantage estimators (ppo, a2c, trpo, nlpo) need critic values; got values=None")
     # kernels.gae stops at the mask (nothing flows past a response's end) and zeroes padding
     advantages, returns = kernels.gae(rewards, values, response_mask, gamma, lam)
     if whiten:
@@ -206,43 +212,175 @@ def reinforce_pp_advantages(*, rewards, response_mask, gamma=1.0, **_):
     return kernels.masked_whiten(returns_to_go, response_mask), None
 
 
+@register_advantage_estimator("dr_grpo")
+def dr_grpo_advantages(*, rewards, response_mask, group_size, **_):
+    """Dr.GRPO (Liu et al. 2025): A_i = R_i - mean_g R, no division by the group std (it over-weights
+    groups that are nearly solved or nearly failed). Pair with ``loss_agg: seq-mean-token-sum-norm``.
+    """
+    mask = response_mask.to(torch.float32)
+    grouped = _groups(_sequence_returns(rewards, mask), group_size)
+    return (grouped - grouped.mean(-1, keepdim=True)).reshape(-1, 1) * mask, None
+
+
+@register_advantage_estimator("reinforce++-baseline")
+def reinforce_pp_baseline_advantages(*, rewards, response_mask, group_size, gamma=1.0, **_):
+    """REINFORCE++-baseline (OpenRLHF): the group mean of the sequence returns R_i is subtracted on each
+    response's last token, then returns-to-go of the shaped rewards, whitened over the batch.
+    """
+    mask = response_mask.to(torch.float32)
+    grouped = _groups(_sequence_returns(rewards, mask), group_size)
+    baseline = grouped.mean(-1, keepdim=True).expand_as(grouped).reshape(-1)
+    last = last_token_index(mask)
+    centred = _zero_pad(rewards, mask).scatter_add(-1, last[:, None], -baseline.to(rewards.dtype)[:, None])
+    returns_to_go, _ = kernels.gae(centred, torch.zeros_like(centred), mask, gamma, 1.0)
+    return kernels.masked_whiten(returns_to_go, mask), None
+
+
+# --------------------------------------------------------------------------------------------
+# sequence-level score terms and batch filters (DAPO)
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment [B] for response lengths [B] (tokens), added to the scores.
+
+    0 up to max_len - buffer tokens, then falling linearly to -factor at max_len:
+    factor * ((max_len - buffer) - L) / buffer; -factor beyond max_len.
+    """
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"overlong buffer must be in (0, max_len={max_len}], got {buffer} (ppo.overlong_buffer)")
+    over = (lengths.to(torch.float32) - (max_len - buffer)).clamp(min=0.0)
+    return -factor * (over / buffer).clamp(max=1.0)
+
+
+def groups_with_signal(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """DAPO's dynamic-sampling filter: bool [B / group_size], True for groups whose scores [B] are not
+    all equal (a group of equal scores has zero group-relative advantage: no gradient)."""
+    grouped = _groups(scores, group_size)
+    return (grouped.max(-1).values - grouped.min(-1).values) > 0
+
+
 # --------------------------------------------------------------------------------------------
 # losses
 def aggregate(x: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean") -> torch.Tensor:
-    """Scalar mean of per-token x [B, T] over mask=1 tokens.
+    """Scalar of per-token x [B, T] over mask=1 tokens.
 
-    "token-mean": every token of the batch weighs the same (long responses count more; the default).
+    "token-mean": every token of the batch weighs the same (long responses count more; the default; DAPO).
     "seq-mean-token-mean": mean over each response's tokens, then over responses (each response
-    weighs the same). Both are means over this call's tokens: with gradient accumulation the
-    trainer's micro-batches each get their own mean.
+    weighs the same; GRPO's paper, GSPO).
+    "seq-mean-token-sum": sum over each response's tokens, mean over responses.
+    "seq-mean-token-sum-norm": that sum divided by the constant T (the generation budget), mean over
+    responses (Dr.GRPO: no length bias, and a constant scale).
+    All are over this call's rows: the trainer weights micro-batches with ``micro_batch_weight``.
     """
     mask = mask.to(torch.float32)
     if loss_agg == "token-mean":
         return kernels.masked_mean(x, mask)
     if loss_agg == "seq-mean-token-mean":
         return kernels.masked_mean(x, mask, dim=-1).mean()
+    if loss_agg == "seq-mean-token-sum":
+        return _zero_pad(x, mask).sum(-1).mean()
+    if loss_agg == "seq-mean-token-sum-norm":
+        return _zero_pad(x, mask).sum(-1).mean() / x.shape[-1]
     raise ValueError(f"unknown loss_agg '{loss_agg}'; expected one of {', '.join(LOSS_AGGREGATIONS)}")
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, cliprange: float, loss_agg: str = "token-mean",
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate: agg(max(-A*rho, -A*clip(rho, 1-eps, 1+eps))), rho = exp(logp - old_logp).
+def micro_batch_weight(micro_mask: torch.Tensor, mini_mask: torch.Tensor, loss_agg: str = "token-mean") -> float:
+    """Share of a mini-batch's loss that one micro-batch carries, so that summing weighted micro-batch
+    losses (each aggregated over its own rows) equals one ``aggregate`` over the whole mini-batch:
+    its tokens / the mini-batch's tokens for "token-mean", its rows / the mini-batch's rows otherwise."""
+    if loss_agg == "token-mean":
+        return float(micro_mask.sum() / mini_mask.sum().clamp(min=1.0))
+    return micro_mask.shape[0] / mini_mask.shape[0]
 
-    logprobs (with grad), old_logprobs, advantages, mask [B, T]. Returns (loss scalar, stats) with
-    detached scalars: clipfrac (share of tokens where the clipped term wins), approx_kl (k3, old vs new),
-    ratio (mean rho).
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, cliprange: float, loss_agg: str = "token-mean", *,
+                cliprange_high: Optional[float] = None, ratio_level: str = "token",
+                weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate: agg(w * max(-A*rho, -A*clip(rho, 1-eps_low, 1+eps_high))).
+
+    logprobs (with grad), old_logprobs, advantages, mask [B, T]. ``cliprange`` = eps_low,
+    ``cliprange_high`` = eps_high (DAPO's clip-higher; default eps_low). ``ratio_level``:
+    "token": rho_t = exp(logp_t - old_logp_t) (PPO); "sequence" (GSPO, Zheng et al. 2025): every token
+    of response i uses s_i = exp(mean_t(logp - old_logp)), in the token form sg[s_i] * pi_t / sg[pi_t]
+    (same value; with seq-mean-token-mean its gradient is GSPO's). ``weights`` [B, T] (detached):
+    per-token off-policy correction (``rollout_correction``), 1 when None.
+    Returns (loss, stats) with detached scalars: clipfrac (share of tokens where the clipped term
+    wins), approx_kl (k3, old vs new), ratio (mean rho).
     """
-    ratio = torch.exp(logprobs - old_logprobs)
+    log_ratio = _zero_pad(logprobs - old_logprobs, mask)
+    if ratio_level == "sequence":
+        seq_log_ratio = kernels.masked_mean(log_ratio, mask.to(torch.float32), dim=-1)
+        log_ratio = seq_log_ratio.detach()[:, None] + logprobs - logprobs.detach()
+    elif ratio_level != "token":
+        raise ValueError(f"ratio_level must be 'token' or 'sequence' (ppo.ratio_level), got {ratio_level!r}")
+    ratio = torch.exp(log_ratio)
+    high = cliprange if cliprange_high is None else cliprange_high
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
-    loss = aggregate(torch.maximum(unclipped, clipped), mask, loss_agg)
+    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + high)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights
+    loss = aggregate(per_token, mask, loss_agg)
     with torch.no_grad():
         m = mask.to(torch.float32)
         stats = {"clipfrac": kernels.masked_mean((clipped > unclipped).float(), m),
                  "approx_kl": approx_kl(logprobs, old_logprobs, mask),
                  "ratio": kernels.masked_mean(ratio, m)}
     return loss, stats
+
+
+def a2c_policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    loss_agg: str = "token-mean", weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A2C's (vanilla) policy gradient loss agg(-A * logp) [B, T] -> scalar: one step per rollout, no
+    ratio and no clip (RL4LMs' A2C, Mnih et al. 2016); ``weights`` as in ``policy_loss``."""
+    per_token = -advantages * logprobs
+    return aggregate(per_token if weights is None else per_token * weights, mask, loss_agg)
+
+
+def surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                   mask: torch.Tensor, loss_agg: str = "token-mean") -> torch.Tensor:
+    """TRPO's unclipped surrogate agg(-A * exp(logp - old_logp)) [B, T] -> scalar (minimised under a KL
+    trust region instead of a clip)."""
+    return aggregate(-advantages * torch.exp(_zero_pad(logprobs - old_logprobs, mask)), mask, loss_agg)
+
+
+def conjugate_gradient(fvp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int = 10,
+                       residual_tol: float = 1e-10) -> torch.Tensor:
+    """Approximately solve F x = b for symmetric positive definite F given only x -> F x (``fvp``);
+    b, x are flat [N] vectors. Standard CG (Hestenes & Stiefel), at most ``iters`` products."""
+    x = torch.zeros_like(b)
+    r, p = b.clone(), b.clone()
+    rr = r @ r
+    for _ in range(iters):
+        if rr <= residual_tol:
+            break
+        fp = fvp(p)
+        alpha = rr / (p @ fp)
+        x += alpha * p
+        r -= alpha * fp
+        rr_new = r @ r
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x
+
+
+def trpo_full_step(direction: torch.Tensor, f_direction: torch.Tensor, max_kl: float) -> torch.Tensor:
+    """Scale a search direction s = F^-1 g [N] to the trust region's edge: s * sqrt(2 max_kl / s^T F s),
+    so the quadratic KL model 0.5 step^T F step equals max_kl (Schulman et al. 2015)."""
+    shs = (direction @ f_direction).clamp(min=1e-12)
+    return direction * torch.sqrt(2.0 * max_kl / shs)
+
+
+def backtracking_line_search(evaluate: Callable[[float], tuple[float, float]], loss_before: float,
+                             max_kl: float, backtracks: int = 10, shrink: float = 0.5) -> float:
+    """Largest fraction f in 1, shrink, shrink^2, ... of the full step whose (loss, kl) = evaluate(f)
+    lowers the loss and keeps kl <= 1.5 max_kl (TRPO's acceptance test); 0.0 if none does."""
+    frac = 1.0
+    for _ in range(backtracks):
+        loss, kl = evaluate(frac)
+        if loss < loss_before and kl <= 1.5 * max_kl:
+            return frac
+        frac *= shrink
+    return 0.0
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -272,6 +410,81 @@ def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Te
     """k3 estimate of KL(old || new) per token, masked mean (samples were drawn from the old policy)."""
     kl = kernels.kl_penalty(old_logprobs.detach(), logprobs.detach(), "k3")
     return kernels.masked_mean(kl, mask.to(torch.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# NLPO (Ramamurthy et al. 2023, RL4LMs): the policy samples only inside a mask model's top-p tokens
+MASKED_LOGIT = -1e9  # finite, so masked tokens get probability 0 without inf - inf = nan in entropies
+
+
+def top_p_token_mask(logits: torch.Tensor, top_p: float, always: Iterable[int] = ()) -> torch.Tensor:
+    """NLPO's action mask from the mask model's next-token logits [..., V] -> bool [..., V].
+
+    Keeps the most likely tokens until their probability exceeds top_p (the token that crosses it
+    included, so the most likely token always stays), plus the ``always`` ids (EOS: a reply can end).
+    """
+    sorted_logits, order = torch.sort(logits.float(), dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop = torch.zeros_like(cum, dtype=torch.bool)
+    drop[..., 1:] = cum[..., :-1] > top_p  # a token goes once the ones before it already exceed top_p
+    keep = ~drop.scatter(-1, order, drop)
+    for token in always:
+        keep[..., token] = True
+    return keep
+
+
+def mask_logits(logits: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    """logits [..., V] with tokens outside ``allowed`` (bool [..., V]) set to MASKED_LOGIT; None: unchanged."""
+    return logits if allowed is None else logits.masked_fill(~allowed, MASKED_LOGIT)
+
+
+# --------------------------------------------------------------------------------------------
+# train-inference mismatch and off-policy correction (generation log-probs vs training log-probs)
+CORRECTIONS = ("none", "tis", "mis-token", "mis-sequence")
+
+
+def mismatch_sums(logprobs: torch.Tensor, gen_logprobs: torch.Tensor, mask: torch.Tensor,
+                  threshold: float) -> torch.Tensor:
+    """Local sums [4] for the train-inference mismatch of one rank (add them over ranks, max for [1]):
+    (sum exp|d|, max |d|, tokens with |d| > threshold, tokens), d = logp_train - logp_inference per
+    token [B, T] over mask=1. mean exp|d| = [0] / [3] (NeMo-RL's check: <= 1.05 passes)."""
+    m = mask.to(torch.bool)
+    d = (logprobs.float() - gen_logprobs.float()).abs()[m]
+    if d.numel() == 0:
+        return torch.zeros(4)
+    return torch.stack([d.exp().sum(), d.max(), (d > threshold).float().sum(),
+                        torch.tensor(float(d.numel()))]).detach().cpu().double()
+
+
+def rollout_correction(old_logprobs: torch.Tensor, gen_logprobs: torch.Tensor, mask: torch.Tensor,
+                       mode: str, cap: float) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-token weights [B, T] (detached, 0 on padding) that correct the policy loss for sampling
+    with the inference engine: w = exp(old_logp - gen_logp) = pi_train / pi_inference per token.
+
+    "none": (None, {}). "tis" (truncated IS, Yao et al. 2025): min(w, cap). "mis-token" (masked IS):
+    1 where 1/cap <= w <= cap, else 0 (the token drops out). "mis-sequence": a whole response drops
+    out unless its geometric-mean weight exp(mean_t log w) lies in [1/cap, cap].
+    Stats: is/weight_mean (mean raw w), is/corrected_frac (share of tokens truncated or masked).
+    """
+    if mode == "none":
+        return None, {}
+    m = mask.to(torch.float32)
+    log_w = _zero_pad(old_logprobs.float() - gen_logprobs.float(), m).detach()
+    w = log_w.exp()
+    bound = math.log(cap)
+    if mode == "tis":
+        weights, corrected = w.clamp(max=cap), (w > cap).float()
+    elif mode == "mis-token":
+        keep = (log_w.abs() <= bound).float()
+        weights, corrected = keep, 1.0 - keep
+    elif mode == "mis-sequence":
+        seq_keep = (kernels.masked_mean(log_w, m, dim=-1).abs() <= bound).float()[:, None]
+        weights, corrected = seq_keep.expand_as(w), (1.0 - seq_keep).expand_as(w)
+    else:
+        raise ValueError(f"unknown rollout correction {mode!r} (ppo.rollout_correction); expected one of "
+                         f"{', '.join(CORRECTIONS)}")
+    stats = {"is/weight_mean": kernels.masked_mean(w, m), "is/corrected_frac": kernels.masked_mean(corrected, m)}
+    return weights * m, stats
 
 
 # --------------------------------------------------------------------------------------------

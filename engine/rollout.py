@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from rlhf_engine import kernels
+from rlhf_engine import kernels, seq2seq
 from rlhf_engine.config import GenerationSection
 
 
@@ -38,6 +38,8 @@ class Rollout:
     dense_rewards: Optional[torch.Tensor] = None  # [B, R] per-token rewards of dense rewards (added when shaping)
     reward_parts: Optional[dict] = None  # {reward name: [B]} each reward's own value (a list of rewards)
     reward_extra: Optional[dict] = None  # {name/key: float} batch means of reward servers' extra_logs
+    gen_logprobs: Optional[torch.Tensor] = None  # [B, R] log-probs the generation sampled with (temperature T)
+    allowed: Optional[torch.Tensor] = None  # [B, R, V] bool, NLPO: tokens the mask model allowed at each step
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -64,6 +66,25 @@ class Rollout:
             else:
                 out[f.name] = v
         return Rollout(**out)
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """The rows of several rollouts as one: prompts left-padded to the longest, responses (all
+    gen.max_new_tokens wide) stacked; a field that is None in the first part is None in the result."""
+    width = max(p.prompt_ids.shape[1] for p in parts)
+    out = {}
+    for f in fields(Rollout):
+        values = [getattr(p, f.name) for p in parts]
+        if values[0] is None:
+            out[f.name] = None
+        elif isinstance(values[0], list):
+            out[f.name] = [x for v in values for x in v]
+        elif f.name in ("prompt_ids", "prompt_mask"):
+            fill = pad_token_id if f.name == "prompt_ids" else 0
+            out[f.name] = torch.cat([torch.nn.functional.pad(v, (width - v.shape[1], 0), value=fill) for v in values])
+        else:
+            out[f.name] = torch.cat(values)
+    return Rollout(**out)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -93,8 +114,13 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int, pad_to
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationSection,
-             *, batch_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             *, batch_size: Optional[int] = None, return_logprobs: bool = False, mask_model=None,
+             mask_top_p: float = 1.0, allowed_out: Optional[list] = None):
     """Sample responses for left-padded prompts [B, P] -> (response_ids [B, R], response_mask, has_eos).
+
+    `return_logprobs`: a 4th item, the generation's log-probs [B, R] of the sampled tokens at
+    gen.temperature (0 on padding; None with stop strings, where HF generate() samples).
+    `mask_model`, `mask_top_p`, `allowed_out`: NLPO's masked sampling (see `sample_tokens`).
 
     R = gen.max_new_tokens always (shorter generations are right-padded), so shapes are static.
     `model` is an HF causal LM in inference mode (the hybrid engine's module). Without stop strings
@@ -104,24 +130,32 @@ def generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     bs = batch_size or B
     R = gen.max_new_tokens
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    outs = []
+    outs, lps = [], []
     for i in range(0, B, bs):
         ids, mask = prompt_ids[i:i + bs], prompt_mask[i:i + bs]
         if gen.stop_strings:
             out = _hf_generate(model, tokenizer, ids, mask, gen)
         else:
             out = sample_tokens(model, ids, mask, gen, eos_token_id=None if gen.ignore_eos else eos,
-                                pad_token_id=pad, synced=_needs_synced_steps(model))
+                                pad_token_id=pad, synced=_needs_synced_steps(model), return_logprobs=return_logprobs,
+                                mask_model=mask_model, mask_top_p=mask_top_p, allowed_out=allowed_out)
+            if return_logprobs:
+                out, lp = out
+                lps.append(torch.nn.functional.pad(lp, (0, R - lp.shape[1])))
         outs.append(torch.nn.functional.pad(out, (0, R - out.shape[1]), value=pad))
     response_ids = torch.cat(outs).to(prompt_ids.device)
+    gen_lp = torch.cat(lps).to(prompt_ids.device) if lps else None
     if gen.ignore_eos:  # fixed-length responses (benchmarks, TRL's stop_token=None): every token counts
-        return response_ids, torch.ones_like(response_ids, dtype=torch.float32), (response_ids == eos).any(1)
+        out = response_ids, torch.ones_like(response_ids, dtype=torch.float32), (response_ids == eos).any(1)
+        return (*out, gen_lp) if return_logprobs else out
     ended = None
     if gen.stop_strings:
         ended = ~(response_ids == eos).any(1) & (response_ids[:, -1] == pad)
     mask, has_eos = response_mask_from_ids(response_ids, eos, pad, ended)
     # everything after the end is padding, so scoring and decoding never see stray tokens
     response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad))
+    if return_logprobs:
+        return response_ids, mask, has_eos, None if gen_lp is None else gen_lp * mask
     return response_ids, mask, has_eos
 
 
@@ -134,7 +168,11 @@ def _hf_generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, gen: G
         kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    return model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+    skip = ids.shape[1]
+    if seq2seq.is_seq2seq(model):  # encoder inputs; the output starts with the decoder start token
+        ids, mask, start, skip = seq2seq.hf_generate_inputs(model, ids, mask)
+        kwargs.update(start)
+    return model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, skip:]
 
 
 def _needs_synced_steps(model) -> bool:
@@ -196,22 +234,38 @@ def _cache_keyword(model) -> str:
 
 @torch.no_grad()
 def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationSection, *,
-                  eos_token_id: Optional[int], pad_token_id: int, synced: bool = False) -> torch.Tensor:
-    """Decode up to gen.max_new_tokens tokens for left-padded prompts [B, P] -> new tokens [B, <= R].
+                  eos_token_id: Optional[int], pad_token_id: int, synced: bool = False,
+                  return_logprobs: bool = False, mask_model=None, mask_top_p: float = 1.0,
+                  allowed_out: Optional[list] = None):
+    """Decode up to gen.max_new_tokens tokens for left-padded prompts [B, P] -> new tokens [B, <= R]
+    (and, `return_logprobs`, their log-probs [B, <= R] under the raw logits at gen.temperature: the
+    quantity the trainer recomputes, so the two measure the train-inference mismatch).
+    `mask_model` (NLPO): sampling stays inside its top-`mask_top_p` tokens (`rl.top_p_token_mask`, EOS
+    always allowed); the per-step masks [B, R, V] are appended to `allowed_out` and log-probs are
+    those of the masked distribution.
 
     A plain KV-cache loop (one forward per token, LM head on the last position only) that does what
     HF `generate()` does for our settings (min_new_tokens, temperature, top-k, top-p, greedy, EOS, then
     padding) without its per-token bookkeeping: ~1 s less per 32 tokens for SmolLM2 on 2 CPU cores.
-    Llama-family models decode with the fused step (`engine.decode.FusedDecoder`) unless
-    gen.fused_decode is off; others run their own forward with a DynamicCache.
+    Llama-family models decode with the CPU backend's fused step (`cpu.fused_decode`); others, and
+    every model on GPU, run their own forward with a DynamicCache.
     Stops when every row has ended unless `synced` (all ranks then run the same number of steps).
     """
     B = prompt_ids.shape[0]
     first_logits, next_logits = _decode_steps(model, prompt_ids, prompt_mask.long(), gen)
     logits = first_logits()
+    if mask_model is not None:
+        from rlhf_engine.rl import mask_logits, top_p_token_mask
+
+        first_mask, next_mask = _decode_steps(mask_model, prompt_ids, prompt_mask.long(), gen)
+        always = [] if eos_token_id is None else [eos_token_id]
+        steps = [top_p_token_mask(first_mask(), mask_top_p, always)]
+        logits = mask_logits(logits, steps[-1])
     unfinished = torch.ones(B, dtype=torch.bool, device=prompt_ids.device)
-    tokens = []
+    tokens, logprobs = [], []
     for t in range(gen.max_new_tokens):
+        if return_logprobs:
+            step_lp = torch.log_softmax(logits / gen.temperature, dim=-1)  # before the min-tokens EOS block
         if eos_token_id is not None and t < gen.min_new_tokens:
             logits[:, eos_token_id] = float("-inf")
         if gen.do_sample:
@@ -220,11 +274,22 @@ def sample_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
             nxt = logits.argmax(-1)
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
         tokens.append(nxt)
+        if return_logprobs:
+            logprobs.append(step_lp.gather(1, nxt[:, None]).squeeze(1))
         if eos_token_id is not None:
             unfinished &= nxt != eos_token_id
         if t == gen.max_new_tokens - 1 or (not synced and not bool(unfinished.any())):
             break
         logits = next_logits(nxt)
+        if mask_model is not None:
+            steps.append(top_p_token_mask(next_mask(nxt), mask_top_p, always))
+            logits = mask_logits(logits, steps[-1])
+    if mask_model is not None and allowed_out is not None:
+        allowed = torch.stack(steps[:len(tokens)], dim=1)  # padding steps after an early stop: all allowed
+        allowed_out.append(torch.nn.functional.pad(allowed, (0, 0, 0, gen.max_new_tokens - allowed.shape[1]),
+                                                   value=True))
+    if return_logprobs:
+        return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
     return torch.stack(tokens, dim=1)
 
 
@@ -243,15 +308,16 @@ def _say_once(message: str) -> None:
 
 def _decode_steps(model, prompt_ids: torch.Tensor, mask: torch.Tensor, gen: GenerationSection):
     """(prefill() -> logits [B, V], step(tokens [B]) -> logits [B, V]), float32 next-token logits."""
-    from rlhf_engine.decode import FusedDecoder
+    from rlhf_engine.backends import cpu as cpu_backend
 
     B, P = prompt_ids.shape
-    if gen.fused_decode:
-        why_not = FusedDecoder.why_unsupported(model)
-        if why_not is None:
-            decoder = FusedDecoder(model, B, P + gen.max_new_tokens)
-            return (lambda: decoder.prefill(prompt_ids, mask)), decoder.step
-        _say_once(f"generation.fused_decode: {why_not}; decoding with the model's own forward")
+    if seq2seq.is_seq2seq(model):
+        return seq2seq.decode_steps(model, prompt_ids, mask)
+    decoder, why_not = cpu_backend.fused_decoder(model, B, P + gen.max_new_tokens)
+    if decoder is not None:
+        return (lambda: decoder.prefill(prompt_ids, mask)), decoder.step
+    if why_not:
+        _say_once(f"cpu.fused_decode: {why_not}; decoding with the model's own forward")
 
     from transformers import DynamicCache
     positions = position_ids_from_mask(mask)
@@ -275,14 +341,23 @@ def _decode_steps(model, prompt_ids: torch.Tensor, mask: torch.Tensor, gen: Gene
 
 def forward_logprobs(model: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
                      temperature: float = 1.0, *, return_entropy: bool = False,
-                     hidden_out: Optional[list] = None):
+                     hidden_out: Optional[list] = None, allowed: Optional[torch.Tensor] = None):
     """Log-probs [B, R] of the last R tokens of `input_ids` [B, L] (and entropy [B, R] if asked).
 
     `model` is an HF causal LM or a DeepSpeed engine wrapping one. Only the R+1 last positions go
     through the LM head (`logits_to_keep`), and the log-softmax is the chunked kernel, so no
     [B, L, V] float32 tensor exists. `hidden_out`: a list that receives the backbone's final
-    hidden states [B, L, H] (a reward head sharing this backbone reads them).
+    hidden states [B, L, H] (a reward head sharing this backbone reads them). `allowed` [B, R, V]
+    bool (NLPO): log-probs of the distribution renormalised over those tokens.
+    Encoder-decoder models: `input_ids` is prompt + response as well (engine/seq2seq.py splits it).
     """
+    if seq2seq.is_seq2seq(model):
+        if hidden_out is not None:
+            raise ValueError("a reward model cannot share an encoder-decoder reference's backbone")
+        if allowed is not None:
+            raise ValueError("NLPO's masked policy is implemented for causal LMs only")
+        return seq2seq.forward_logprobs(model, input_ids, attention_mask, response_len, temperature,
+                                        return_entropy=return_entropy)
     hook = None
     if hidden_out is not None:
         backbone = getattr(model, "module", model).base_model
@@ -295,6 +370,10 @@ def forward_logprobs(model: Callable, input_ids: torch.Tensor, attention_mask: t
         if hook is not None:
             hook.remove()
     logits = out.logits[:, -response_len - 1:-1]
+    if allowed is not None:
+        from rlhf_engine.rl import mask_logits
+
+        logits = mask_logits(logits, allowed.to(logits.device))
     labels = input_ids[:, -response_len:]
     return kernels.logprobs_from_logits(logits, labels, temperature, return_entropy=return_entropy)
 
@@ -305,6 +384,9 @@ def forward_values(critic: Callable, input_ids: torch.Tensor, attention_mask: to
 
     `critic` is an engine.models.ScalarModel or a DeepSpeed engine wrapping one (forward, so ZeRO hooks run).
     """
+    if seq2seq.is_seq2seq(critic):  # values on the decoder states (engine/seq2seq.py)
+        return critic(input_ids=input_ids, attention_mask=attention_mask, per_token=True,
+                      response_len=response_len).float()
     values = critic(input_ids=input_ids, attention_mask=attention_mask,
                     position_ids=position_ids_from_mask(attention_mask), per_token=True)
     return values[:, -response_len - 1:-1].float()

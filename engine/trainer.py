@@ -29,7 +29,7 @@ from rlhf_engine.evaluation import Evaluator
 from rlhf_engine.ptx import PtxMixer
 from rlhf_engine.reward_set import RewardSet, build_recipe_reward
 from rlhf_engine.rewards import check_scores
-from rlhf_engine.rollout import Rollout, forward_logprobs, forward_values, generate, micro_batched
+from rlhf_engine.rollout import Rollout, concat_rollouts, forward_logprobs, forward_values, generate, micro_batched
 from rlhf_engine.tracking import Tracker, plot_metrics, run_dir_for
 
 
@@ -66,6 +66,7 @@ class Models:
     reference: object  # frozen engine or module
     critic: Optional[object]  # DeepSpeed engine of a ScalarModel (per-token values), PPO only
     hybrid: HybridEngine
+    mask: Optional[object] = None  # NLPO's mask model (engine/nlpo.py)
 
 
 class Timer:
@@ -100,7 +101,11 @@ def build_models(recipe: Recipe, sizes, dist: DistInfo, total_updates: int) -> M
     hybrid = HybridEngine(actor, layers_per_group=recipe.hybrid.layers_per_group, enabled=recipe.hybrid.enabled,
                           dtype=dtype_of(gen.dtype) if gen.dtype else None,
                           attn_implementation=gen.attn_implementation)
-    return Models(actor, reference, critic, hybrid)
+    mask = None
+    if recipe.ppo.algorithm == "nlpo":
+        from rlhf_engine.nlpo import build_mask_model
+        mask = build_mask_model(recipe, sizes)
+    return Models(actor, reference, critic, hybrid, mask)
 
 
 def critic_model_config(recipe: Recipe):
@@ -151,6 +156,9 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
         if dist.is_main:
             print("[models] the reward model's backbone is the reference's (same checkpoint, equal weights): "
                   "one frozen forward scores both", flush=True)
+    if ppo.algorithm == "trpo":
+        from rlhf_engine.trpo import check_trpo_supported
+        check_trpo_supported(recipe)
     ema = EmaActor(models.actor, ppo.ema_decay) if ppo.ema_decay else None
     resume_from = prepare_run_dir(run_dir, resume, is_main=dist.is_main)  # inputs are checked: now touch the run
     tracker = Tracker(recipe, run_dir, is_main=dist.is_main, total_steps=tcfg.steps)
@@ -175,20 +183,29 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
         timer = Timer()
         batch = collate_prompts(items, tokenizer.pad_token_id)
         ids, pmask = batch["input_ids"].to(dist.device), batch["attention_mask"].to(dist.device)
+        allowed = [] if models.mask is not None else None  # NLPO: the mask model's top-p sets
         with timer("generate"), models.hybrid.inference() as gen_model:
-            resp, rmask, has_eos = generate(gen_model, tokenizer, ids, pmask, sampling or gen,
-                                            batch_size=tcfg.generation_batch_size)
+            resp, rmask, has_eos, gen_lp = generate(gen_model, tokenizer, ids, pmask, sampling or gen,
+                                                    return_logprobs=True, batch_size=tcfg.generation_batch_size,
+                                                    mask_model=models.mask, mask_top_p=ppo.nlpo_top_p,
+                                                    allowed_out=allowed)
         r = Rollout(ids, pmask, resp, rmask, has_eos, batch["prompts"],
                     tokenizer.batch_decode(resp, skip_special_tokens=True),
-                    references=batch["references"], meta=batch["meta"])
+                    references=batch["references"], meta=batch["meta"], gen_logprobs=gen_lp,
+                    allowed=torch.cat(allowed) if allowed else None)
         seq, attn, R = r.sequences, r.attention_mask, resp.shape[1]
         mb = tcfg.scoring_batch_size or sizes.micro_batch_size  # no grad: no activations are kept
         all_rows = torch.arange(len(seq), device=seq.device)
         rows = all_rows if fused_rows is None else all_rows[~torch.isin(all_rows, fused_rows.to(seq.device))]
         critic_rows = rows if fuse_critic else all_rows
+        if ppo.old_logprobs == "generation":  # the ratio's old policy is the one that sampled: no actor pass
+            rows = all_rows[:0]
         with timer("score"), torch.no_grad():
-            r.logprobs = _score_rows(lambda s, a: forward_logprobs(models.actor, s, a, R, gen.temperature),
-                                     rows, mb, seq, attn, rmask)
+            r.logprobs = _score_rows(lambda s, a, *al: forward_logprobs(models.actor, s, a, R, gen.temperature,
+                                                                        allowed=al[0] if al else None),
+                                     rows, mb, seq, attn, rmask, r.allowed)
+            if ppo.old_logprobs == "generation":
+                r.logprobs = gen_lp.float() * rmask
             if with_values and models.critic is not None:
                 r.values = _score_rows(lambda s, a: forward_values(models.critic, s, a, R),
                                        critic_rows, mb, seq, attn, rmask)
@@ -263,18 +280,30 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
     # ZeRO-3 reduces a parameter's gradient once per forward/backward pair, so several forwards
     # before the first backward are only safe when that mini-batch is one micro-batch per rank there.
     fused = ppo.fuse_scoring and (recipe.deepspeed.zero_stage < 3 or sizes.gradient_accumulation_steps == 1)
+    # rows that are resampled, log-probs that come from generation and TRPO's own step have no fused forward
+    fused = fused and not ppo.dynamic_sampling and ppo.old_logprobs == "recompute" and ppo.algorithm != "trpo"
     fuse_critic = fused and sizes.num_mini_batches == 1
     local_mini = sizes.local_rollout_sequences // sizes.num_mini_batches
     t_start = time.perf_counter()
     for step in range(start, tcfg.steps + 1):
         t_step = time.perf_counter()
+        if models.mask is not None and (step == start or (step - 1) % ppo.nlpo_mask_update_every == 0):
+            from rlhf_engine.nlpo import sync_mask_model
+            sync_mask_model(models.mask, models.actor)  # NLPO: the mask model follows the actor, lagging
         # ---- 1-2. generate and score -------------------------------------------------------------
-        global_idx = sampler.next_batch()
-        mine = global_idx[dist.rank * local_prompts:(dist.rank + 1) * local_prompts]
-        items = [train_ds[i] for i in mine for _ in range(ppo.group_size)]  # groups stay contiguous
+        def draw_items() -> list:
+            global_idx = sampler.next_batch()
+            mine = global_idx[dist.rank * local_prompts:(dist.rank + 1) * local_prompts]
+            return [train_ds[i] for i in mine for _ in range(ppo.group_size)]  # groups stay contiguous
+
+        items = draw_items()
         orders = _epoch_orders(recipe.seed, step, len(items), ppo.ppo_epochs)
         first_rows = orders[0][:local_mini] if fused else None
-        r, times = make_rollout(items, fused_rows=first_rows, fuse_critic=fuse_critic)
+        if ppo.dynamic_sampling:  # DAPO: only groups whose scores differ, all ranks in step
+            r, times, sampling_stats = _dynamic_sampling(make_rollout, items, draw_items, ppo, tokenizer.pad_token_id)
+        else:
+            r, times = make_rollout(items, fused_rows=first_rows, fuse_critic=fuse_critic)
+            sampling_stats = {}
         mask = r.response_mask
         forwards = (_forward_with_grad(models, r, first_rows, sizes, gen.temperature, times, with_critic=fuse_critic)
                     if fused else None)
@@ -282,6 +311,9 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
         # ---- 3. shape: penalties, clipping, normalisation, per-token KL --------------------------
         scores = r.scores if r.dense_rewards is None else r.scores - r.dense_rewards.sum(1)  # dense: per token
         scores = rl.apply_missing_eos_penalty(scores, r.has_eos, ppo.missing_eos_penalty)
+        if ppo.overlong_buffer:
+            scores = scores + rl.overlong_penalty(mask.sum(1), gen.max_new_tokens, ppo.overlong_buffer,
+                                                  ppo.overlong_penalty_factor)
         scores = rl.clip_scores(scores, ppo.score_clip)
         if ppo.normalize_rewards:
             score_stats.update(_all_gather_cat(scores))
@@ -295,9 +327,15 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
             ppo.algorithm, rewards=rewards, values=r.values, response_mask=mask, gamma=ppo.gamma, lam=ppo.lam,
             whiten=ppo.whiten_advantages, group_size=ppo.group_size)
 
+        # off-policy: how far generation's log-probs are from training's, and the correction weights
+        is_weights, is_stats = (rl.rollout_correction(r.logprobs, r.gen_logprobs, mask, ppo.rollout_correction,
+                                                      ppo.rollout_is_cap) if r.gen_logprobs is not None else (None, {}))
+
         # ---- 5. update: epochs x mini-batches x micro-batches -------------------------------------
         t_train = time.perf_counter()
-        stats = _update(models, r, advantages, returns, sizes, recipe, orders, forwards, ptx)
+        stats = _update(models, r, advantages, returns, sizes, recipe, orders, forwards, is_weights, ptx)
+        if ppo.old_logprobs == "recompute" and r.gen_logprobs is not None:
+            stats.update(_mismatch_metrics(rl.mismatch_sums(r.logprobs, r.gen_logprobs, mask, ppo.mismatch_threshold)))
         times["train"] = time.perf_counter() - t_train
         if ema is not None:
             ema.update()
@@ -313,7 +351,8 @@ def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[s
             "reward/mean": _global_mean((rewards * mask).sum(1)), "kl/mean": seq_kl, "kl/beta": beta,
             "response/length": _global_mean(mask.sum(1)), "response/eos_rate": _global_mean(r.has_eos.float()),
             "advantages/mean": _global_mean(kernels.masked_mean(advantages, mask, dim=-1)),
-            **stats, **{f"time/{k}": v for k, v in times.items()}, "time/step": step_s,
+            **stats, **{k: _global_mean(v) for k, v in is_stats.items()}, **sampling_stats,
+            **{f"time/{k}": v for k, v in times.items()}, "time/step": step_s,
             "tokens_per_s": n_tokens / step_s,
             "memory/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             **({"memory/peak_device_mib": torch.cuda.max_memory_allocated() / 2 ** 20}
@@ -363,12 +402,43 @@ def _steps_capped_by_epochs(tcfg, num_prompts: int, is_main: bool):
     return tcfg.model_copy(update={"steps": tcfg.epochs * per_epoch})
 
 
+def _dynamic_sampling(make_rollout, items: list, draw_items, ppo, pad_token_id: int) -> tuple[Rollout, dict, dict]:
+    """DAPO's dynamic sampling: keep the prompt groups whose scores differ (`rl.groups_with_signal`) and
+    generate for freshly drawn prompts until this rank holds as many groups as it started with.
+
+    All ranks run the same number of rounds (an all-reduce of the largest shortfall decides, and every
+    rank draws from the same sampler), at most ppo.dynamic_sampling_max_rounds; a rank still short then
+    fills up with dropped groups. Returns (rollout, summed timings, dynamic_sampling/* stats).
+    """
+    g, need = ppo.group_size, len(items) // ppo.group_size
+    kept, dropped, times, rounds = [], [], {}, 0
+    while True:
+        r, t = make_rollout(items)
+        rounds += 1
+        times = {k: times.get(k, 0.0) + v for k, v in t.items()}
+        for group, ok in enumerate(rl.groups_with_signal(r.scores, g).tolist()):
+            (kept if ok else dropped).append(r.select(torch.arange(group * g, (group + 1) * g)))
+        shortfall = torch.tensor([float(max(need - len(kept), 0))])
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(shortfall, op=torch.distributed.ReduceOp.MAX)
+        if shortfall.item() == 0 or rounds >= ppo.dynamic_sampling_max_rounds:
+            break
+        items = draw_items()
+    filled = max(need - len(kept), 0)
+    stats = {"dynamic_sampling/rounds": rounds,
+             "dynamic_sampling/dropped_groups": float(_global_sum(torch.tensor(float(len(dropped))))),
+             "dynamic_sampling/filled_groups": float(_global_sum(torch.tensor(float(filled))))}
+    return concat_rollouts(kept[:need] + dropped[:filled], pad_token_id), times, stats
+
+
 def _score_rows(forward, rows: torch.Tensor, micro: int, seq: torch.Tensor, attn: torch.Tensor,
-                rmask: torch.Tensor) -> torch.Tensor:
-    """Per-token outputs [B, R] of `forward(seq, attn)` for `rows` in micro-batches, masked; 0 at other rows."""
+                rmask: torch.Tensor, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token outputs [B, R] of `forward(seq, attn[, extra])` for `rows` in micro-batches, masked; 0 at
+    other rows. `extra`: a per-row tensor sliced alongside (NLPO's allowed tokens)."""
     out = torch.zeros_like(rmask, dtype=torch.float32)
     if len(rows):
-        out[rows] = micro_batched(forward, micro, seq[rows], attn[rows]).float() * rmask[rows]
+        tensors = (seq[rows], attn[rows]) + (() if extra is None else (extra[rows],))
+        out[rows] = micro_batched(forward, micro, *tensors).float() * rmask[rows]
     return out
 
 
@@ -393,7 +463,8 @@ def _forward_with_grad(models: Models, r: Rollout, rows: torch.Tensor, sizes, te
     seq, attn, mask, R = r.sequences, r.attention_mask, r.response_mask, r.response_ids.shape[1]
     out = []
     for micro in _micro_slices(rows, sizes.micro_batch_size):
-        logp, entropy = forward_logprobs(models.actor, seq[micro], attn[micro], R, temperature, return_entropy=True)
+        logp, entropy = forward_logprobs(models.actor, seq[micro], attn[micro], R, temperature, return_entropy=True,
+                                         allowed=None if r.allowed is None else r.allowed[micro])
         values = None
         if with_critic and models.critic is not None:
             values = forward_values(models.critic, seq[micro], attn[micro], R)
@@ -406,12 +477,16 @@ def _forward_with_grad(models: Models, r: Rollout, rows: torch.Tensor, sizes, te
 
 
 def _update(models: Models, r: Rollout, advantages, returns, sizes, recipe: Recipe, orders: list,
-            forwards: Optional[list] = None, ptx: Optional[PtxMixer] = None) -> dict:
+            forwards: Optional[list] = None, is_weights: Optional[torch.Tensor] = None,
+            ptx: Optional[PtxMixer] = None) -> dict:
     """PPO epochs x mini-batches; each micro-batch loss is weighted so that accumulation is exact.
 
     `orders`: each epoch's row order (`_epoch_orders`); mini-batches are its consecutive slices.
     `forwards` (fused scoring) supplies the first mini-batch's forward outputs, already computed
-    by `_forward_with_grad`. `ptx` (ppo.ptx_coef > 0) adds one PTX micro-batch's loss to each actor micro-batch.
+    by `_forward_with_grad`. `is_weights` [B, R]: off-policy correction weights (`rl.rollout_correction`).
+    `ptx` (ppo.ptx_coef > 0) adds one PTX micro-batch's loss to each actor micro-batch.
+    ppo.algorithm picks the actor's loss (clipped surrogate; a2c's plain policy gradient; trpo's
+    trust-region step over the whole rollout, engine/trpo.py); the critic's update is the same for all.
 
     DeepSpeed divides every micro-batch loss by the accumulation steps; weighting each micro-batch
     by (its tokens / the local mini-batch's tokens) x accumulation steps makes the accumulated
@@ -424,43 +499,81 @@ def _update(models: Models, r: Rollout, advantages, returns, sizes, recipe: Reci
     local_B = mask.shape[0]
     local_mini = local_B // sizes.num_mini_batches
     gas = sizes.gradient_accumulation_steps
-    agg = {}
+    agg, extra, mismatch = {}, {}, torch.zeros(4, dtype=torch.float64)
+    if ppo.algorithm == "trpo":
+        from rlhf_engine.trpo import trpo_update
+        extra = trpo_update(actor, r, advantages, ppo, gen.temperature, sizes.micro_batch_size)
     for epoch, perm in enumerate(orders):
         for m in range(sizes.num_mini_batches):
             rows = perm[m * local_mini:(m + 1) * local_mini]
-            mini_tokens = mask[rows].sum().clamp(min=1.0)
             for i, micro in enumerate(_micro_slices(rows, sizes.micro_batch_size)):
-                weight = mask[micro].sum() / mini_tokens * gas
-                if forwards is not None and epoch == 0 and m == 0:
+                weight = rl.micro_batch_weight(mask[micro], mask[rows], ppo.loss_agg) * gas
+                w_is = None if is_weights is None else is_weights[micro]
+                if ppo.algorithm == "trpo":
+                    values = None
+                elif forwards is not None and epoch == 0 and m == 0:
                     fused_rows, logp, entropy, values = forwards[i]
                     assert torch.equal(fused_rows, micro), "fused forward and update disagree on the rows"
                 else:
                     logp, entropy = forward_logprobs(actor, seq[micro], attn[micro], R, gen.temperature,
-                                                     return_entropy=True)
+                                                     return_entropy=True,
+                                                     allowed=None if r.allowed is None else r.allowed[micro])
                     values = None
-                pg_loss, pg_stats = rl.policy_loss(logp, r.logprobs[micro], advantages[micro], mask[micro],
-                                                   ppo.cliprange)
-                loss = pg_loss
-                if ppo.entropy_coef > 0:
-                    loss = loss + rl.entropy_bonus(entropy, mask[micro], ppo.entropy_coef)
-                actor.backward(loss * weight)
-                if ptx is not None:
-                    _accumulate(agg, {"loss/ptx": ptx.backward(actor)})
-                actor.step()
-                _accumulate(agg, {"loss/policy": pg_loss.detach(), "policy/clipfrac": pg_stats["clipfrac"],
-                                  "policy/approx_kl": pg_stats["approx_kl"],
-                                  "entropy": kernels.masked_mean(entropy.detach(), mask[micro])})
+                if ppo.algorithm != "trpo":
+                    if ppo.old_logprobs == "generation" and epoch == 0 and m == 0 and r.gen_logprobs is not None:
+                        # the policy has not moved yet: this forward is the training side of the mismatch
+                        mismatch = _fold_mismatch(mismatch, rl.mismatch_sums(
+                            logp.detach(), r.gen_logprobs[micro], mask[micro], ppo.mismatch_threshold))
+                    if ppo.algorithm == "a2c":
+                        pg_loss = rl.a2c_policy_loss(logp, advantages[micro], mask[micro], ppo.loss_agg, w_is)
+                        pg_stats = {"approx_kl": rl.approx_kl(logp, r.logprobs[micro], mask[micro])}
+                    else:
+                        pg_loss, pg_stats = rl.policy_loss(
+                            logp, r.logprobs[micro], advantages[micro], mask[micro], ppo.cliprange, ppo.loss_agg,
+                            cliprange_high=ppo.cliprange_high, ratio_level=ppo.ratio_level, weights=w_is)
+                    loss = pg_loss
+                    if ppo.entropy_coef > 0:
+                        loss = loss + rl.entropy_bonus(entropy, mask[micro], ppo.entropy_coef, ppo.loss_agg)
+                    actor.backward(loss * weight)
+                    if ptx is not None:
+                        _accumulate(agg, {"loss/ptx": ptx.backward(actor)})
+                    actor.step()
+                    _accumulate(agg, {"loss/policy": pg_loss.detach(), "policy/approx_kl": pg_stats["approx_kl"],
+                                      **({"policy/clipfrac": pg_stats["clipfrac"]} if "clipfrac" in pg_stats else {}),
+                                      "entropy": kernels.masked_mean(entropy.detach(), mask[micro])})
                 if critic is not None:
                     if values is None:  # not from the fused forward
                         values = forward_values(critic, seq[micro], attn[micro], R)
                     v_loss, v_stats = rl.value_loss(values, r.values[micro], returns[micro], mask[micro],
-                                                    ppo.cliprange_value)
+                                                    ppo.cliprange_value, ppo.loss_agg)
                     critic.backward(ppo.vf_coef * v_loss * weight)
                     critic.step()
                     _accumulate(agg, {"loss/value": v_loss.detach(), "value/clipfrac": v_stats["vf_clipfrac"]})
     out = {k: _global_mean(torch.stack(v)) for k, v in agg.items()}
+    out.update({k: _global_mean(torch.tensor(v)) for k, v in extra.items()})
+    if ppo.old_logprobs == "generation" and r.gen_logprobs is not None:
+        out.update(_mismatch_metrics(mismatch))
     out["lr"] = actor.get_lr()[0] if hasattr(actor, "get_lr") else recipe.optim.lr
     return out
+
+
+def _fold_mismatch(acc: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """`rl.mismatch_sums` of one more micro-batch folded in: sums add, the max ([1]) is a max."""
+    out = acc + sums
+    out[1] = max(acc[1], sums[1])
+    return out
+
+
+def _mismatch_metrics(sums: torch.Tensor) -> dict:
+    """Global train-inference mismatch from this rank's `rl.mismatch_sums` (sums over ranks, max of maxima)."""
+    total = sums.clone()
+    peak = sums[1:2].clone().float()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    tokens = max(float(total[3]), 1.0)
+    return {"mismatch/exp_abs_mean": float(total[0]) / tokens if total[3] else 1.0,
+            "mismatch/abs_max": float(peak[0]), "mismatch/frac_over": float(total[2]) / tokens}
 
 
 def _accumulate(agg: dict, values: dict) -> None:

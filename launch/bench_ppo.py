@@ -14,8 +14,8 @@ batch 8, exactly 32 sampled tokens (temperature 1), 1 PPO epoch x 1 mini-batch, 
 KL 0.05 (k1), clip 0.2, value clip 0.2, gamma 1, lam 0.95; 8 steps, the first one a warm-up.
 
 Each configuration runs as its own `rlhf-engine train` process under `/usr/bin/time -v` (peak RSS),
-on tcmalloc when installed, as every training run (engine/allocator.py; RLHF_ENGINE_ALLOCATOR=system
-for glibc malloc; the JSON records which);
+on tcmalloc when installed, as every CPU training run (recipe key cpu.allocator; a config entry
+'trl_equal:cpu.allocator=system' runs on glibc malloc; the JSON records which);
 step and phase times come from its metrics.jsonl. The compute floor is the workload's model FLOPs
 (counted from the model config) over the matmul rate measured in this run. Prints one JSON line per
 configuration, then a summary JSON line (`BENCH_JSON {...}`) and a short table.
@@ -99,7 +99,7 @@ def parse_config(entry: str, ap: argparse.ArgumentParser) -> tuple[str, list[str
         ap.error(f"--configs: unknown config '{name}' in '{entry}'; expected one of {', '.join(CONFIGS)}")
     bad = [kv for kv in overrides if "=" not in kv]
     if bad:
-        ap.error(f"--configs: override '{bad[0]}' in '{entry}' is not KEY=VALUE (e.g. model.onednn_linear=false)")
+        ap.error(f"--configs: override '{bad[0]}' in '{entry}' is not KEY=VALUE (e.g. cpu.onednn_linear=false)")
     return name, overrides
 
 
@@ -125,7 +125,7 @@ def run_config(args, name: str, recipe: dict, nproc: int = 1, overrides: tuple =
     med = lambda key: round(statistics.median(r.get(key) or 0.0 for r in timed), 4)  # noqa: E731
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", timefile.read_text())
     step_s = med("time/step")
-    allocator = re.search(r"\[run\] memory allocator: (\w+)", proc.stderr)
+    allocator = re.search(r"\[cpu\] allocator: (\w+)", proc.stderr)
     phases = {k.split("/", 1)[1]: med(k) for k in rows[-1] if k.startswith("time/") and k != "time/step"}
     return {"config": name, "nproc": nproc, "step_s_median": step_s, "step_s_all": [r["time/step"] for r in timed],
             "warmup_step_s": rows[0]["time/step"], "phases_median_s": phases,
@@ -167,11 +167,11 @@ def model_flops(batch: int, prompt_len: int, resp_len: int) -> float:
 
 def matmul_rates(dtype_name: str, m: int = 2048, k: int = 2048, n: int = 2048, reps: int = 5) -> dict:
     """FLOP/s of one [m, k] @ [k, n] matmul (best of `reps`) on 2 threads, per kernel: torch's own
-    (`a @ b`: MKL for float32, oneDNN for bf16) and oneDNN's inner product (what engine/onednn.py
+    (`a @ b`: MKL for float32, oneDNN for bf16) and oneDNN's inner product (what backends/cpu/onednn.py
     runs float32 linears on). The floor uses the faster: the best this box can do."""
     import torch
 
-    from rlhf_engine import onednn
+    from rlhf_engine.backends.cpu import onednn
 
     torch.set_num_threads(2)
     dtype = getattr(torch, dtype_name)
@@ -220,7 +220,7 @@ def run_trl(args, tcmalloc: bool = False) -> dict:
     env = {**os.environ, "RUNS": "1", "EXTRA_ARGS": extra,
            "OUTDIR": str(args.workdir / ("trl_tcmalloc" if tcmalloc else "trl"))}
     if tcmalloc:
-        from rlhf_engine.allocator import find_tcmalloc
+        from rlhf_engine.backends.cpu.process import find_tcmalloc
         lib = find_tcmalloc()
         if lib is None:
             raise SystemExit("--trl-tcmalloc: libtcmalloc_minimal.so.4 not found (make install adds it)")
@@ -251,7 +251,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="trl_equal,recommended",
                     help=f"comma list of {', '.join(CONFIGS)}; a config may carry recipe overrides after a colon, "
-                    "';'-separated: 'trl_equal:model.onednn_linear=false' (an A/B in one invocation)")
+                    "';'-separated: 'trl_equal:cpu.onednn_linear=false' (an A/B in one invocation)")
     ap.add_argument("--with-trl", action="store_true", help="also run TRL's PPO (../shared/peers/trl_ppo)")
     ap.add_argument("--trl-tcmalloc", action="store_true",
                     help="with --with-trl: run TRL a second time on tcmalloc (our allocator); ratios use both")

@@ -21,3 +21,15 @@ def restore_env():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def cpu_backend_defaults():
+    """In-process tests run as a CPU run does: the CPU backend's model switches at their defaults
+    (what `rlhf_engine.backends.cpu.start_run` sets), without touching the test process itself."""
+    from rlhf_engine.backends import cpu
+    from rlhf_engine.config import CpuConfig
+
+    cpu.configure(CpuConfig())
+    yield
+    cpu.configure(None)

@@ -57,3 +57,23 @@ def json_lines(text: str, prefix: str) -> list[dict]:
     for chunk in text.split(prefix)[1:]:
         records.append(decoder.raw_decode(chunk.lstrip())[0])
     return records
+
+
+def cpu_switches(**switches):
+    """Context manager: the CPU backend's model switches (recipe `cpu:` keys) for an in-process test;
+    the previous settings come back on exit. Tests start with the defaults on (tests/conftest.py)."""
+    import contextlib
+
+    from rlhf_engine.backends import cpu
+    from rlhf_engine.config import CpuConfig
+
+    @contextlib.contextmanager
+    def scope():
+        before = cpu.active()
+        cpu.configure(CpuConfig(**switches))
+        try:
+            yield
+        finally:
+            cpu.configure(before)
+
+    return scope()

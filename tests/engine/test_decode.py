@@ -1,4 +1,4 @@
-"""engine/decode.py: the fused Llama-family decode step against the models' own HF forward.
+"""rlhf_engine.backends.cpu.decode: the fused Llama-family decode step against the models' own HF forward.
 
 Teacher-forced: both paths get the same prompts (left-padded) and the same next tokens, and their
 next-token logits are compared at every step. Real tiny-llama (SmolLM2 tokenizer), the embedded
@@ -11,8 +11,9 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
+from helpers import cpu_switches
 from rlhf_engine.config import GenerationSection, ModelConfig
-from rlhf_engine.decode import FusedDecoder
+from rlhf_engine.backends.cpu.decode import FusedDecoder
 from rlhf_engine.models import load_policy
 from rlhf_engine.rollout import _decode_steps, sample_tokens
 
@@ -30,8 +31,9 @@ def _prompts(vocab: int, batch: int = 3, length: int = 9, seed: int = 0):
 
 
 def _teacher_forced_logits(model, ids, mask, fused: bool) -> list[torch.Tensor]:
-    gen = GenerationSection(max_new_tokens=STEPS + 1, fused_decode=fused)
-    prefill, step = _decode_steps(model, ids, mask, gen)
+    gen = GenerationSection(max_new_tokens=STEPS + 1)
+    with cpu_switches(fused_decode=fused):
+        prefill, step = _decode_steps(model, ids, mask, gen)
     g = torch.Generator().manual_seed(1)
     out = [prefill()]
     for _ in range(STEPS):
@@ -133,11 +135,12 @@ def test_sample_tokens_same_tokens_fused_or_not(min_new):
     eos = int(ids[0, -1])  # a token the random model may well produce: exercises early stops
     runs = {}
     for fused in (True, False):
-        gen = GenerationSection(max_new_tokens=10, min_new_tokens=min_new, do_sample=False, fused_decode=fused)
-        runs[fused] = sample_tokens(model, ids, mask, gen, eos_token_id=eos, pad_token_id=0)
-        torch.manual_seed(5)
-        sampled = GenerationSection(max_new_tokens=10, temperature=0.7, top_k=20, fused_decode=fused)
-        runs[(fused, "sampled")] = sample_tokens(model, ids, mask, sampled, eos_token_id=None, pad_token_id=0)
+        gen = GenerationSection(max_new_tokens=10, min_new_tokens=min_new, do_sample=False)
+        sampled = GenerationSection(max_new_tokens=10, temperature=0.7, top_k=20)
+        with cpu_switches(fused_decode=fused):
+            runs[fused] = sample_tokens(model, ids, mask, gen, eos_token_id=eos, pad_token_id=0)
+            torch.manual_seed(5)
+            runs[(fused, "sampled")] = sample_tokens(model, ids, mask, sampled, eos_token_id=None, pad_token_id=0)
     assert torch.equal(runs[True], runs[False])
     assert torch.equal(runs[(True, "sampled")], runs[(False, "sampled")])
 

@@ -72,7 +72,7 @@ def test_hybrid_is_faster_than_sharded_generate(results):
 def test_decode_linear_takes_skinny_bf16_products_only_and_restores_f_linear():
     import torch.nn.functional as F
 
-    from rlhf_engine.hybrid import DECODE_ROWS, WIDE_HEAD_ROWS, decode_linear
+    from rlhf_engine.backends.cpu.linear import DECODE_ROWS, WIDE_HEAD_ROWS, decode_linear
 
     real = F.linear
     g = torch.Generator().manual_seed(0)

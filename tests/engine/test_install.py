@@ -27,3 +27,15 @@ def test_hugging_face_kernels_transformers_and_rlhf_engine_in_one_process(tmp_pa
     assert Path(info["ours"]).parent == REPO / "kernels"
     assert Path(info["hf_kernels"]).parent != REPO / "kernels" and "site-packages" in info["hf_kernels"]
     assert not info["engine"], "a top-level `engine` import name must not be installed"
+
+
+def test_a_checkout_on_sys_path_hands_kernels_to_hugging_face():
+    """`python -c` from the checkout puts its root (and kernels/ folder) first: the name still reaches HF's
+    package, and transformers' model code (which imports it) loads."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    code = ("import kernels, rlhf_engine.kernels as ours; from transformers import AutoModelForCausalLM; "
+            "print(kernels.__file__); print(ours.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    hf, ours = out.stdout.strip().splitlines()[-2:]
+    assert "site-packages" in hf and Path(ours).parent == REPO / "kernels"

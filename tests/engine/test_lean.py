@@ -1,8 +1,8 @@
-"""engine/lean.py: memory-lean MLP and RMSNorm forwards against the models' own modules.
+"""rlhf_engine.backends.cpu.lean: memory-lean MLP and RMSNorm forwards against the models' own modules.
 
 Same forward (bitwise), same gradients (to float32 / bfloat16 rounding), fewer saved activations
 (counted with autograd's saved-tensor hooks), on random Llama/Qwen2/Mistral models and the embedded
-SmolLM2; LoRA-wrapped projections and `lean_activations: false` keep the HF forward.
+SmolLM2; LoRA-wrapped projections and `cpu.lean_activations: false` keep the HF forward.
 """
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from helpers import cpu_switches
 from rlhf_engine.config import LoraConfig, ModelConfig
-from rlhf_engine.lean import MLP_CLASSES, NORM_CLASSES, make_lean, why_not_lean
+from rlhf_engine.backends.cpu.lean import MLP_CLASSES, NORM_CLASSES, make_lean, why_not_lean
 from rlhf_engine.models import load_policy, load_scalar_model
-from rlhf_engine.onednn import use_onednn_linears
+from rlhf_engine.backends.cpu.onednn import use_onednn_linears
 
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
@@ -57,7 +58,7 @@ def _saved_activation_bytes(model, ids, autocast: bool) -> int:
 
 
 def _assert_same(model, autocast: bool, grad_rtol: float, onednn: bool = False):
-    if onednn:  # the lean MLP then runs its float32 linears on oneDNN too (engine.onednn)
+    if onednn:  # the lean MLP then runs its float32 linears on oneDNN too (onednn.py)
         use_onednn_linears(model)
     lean = copy.deepcopy(model)
     counts = make_lean(lean)
@@ -90,7 +91,8 @@ def test_lean_forward_and_gradients_match_hf_modules(cls, config, autocast, oned
 
 
 def test_lean_smollm2_keeps_40_percent_fewer_activations():
-    model = load_policy(ModelConfig(name_or_path="smollm2-135m-instruct", lean_activations=False))
+    with cpu_switches(lean_activations=False):
+        model = load_policy(ModelConfig(name_or_path="smollm2-135m-instruct"))
     lean = copy.deepcopy(model)
     make_lean(lean)
     small, large = (_ids(model.config.vocab_size, batch=b, length=24) for b in (2, 4))
@@ -106,7 +108,8 @@ def test_lean_smollm2_keeps_40_percent_fewer_activations():
 def test_load_policy_and_scalar_model_apply_it_unless_turned_off():
     lean = load_policy(ModelConfig(name_or_path="tiny-llama"))
     assert all("forward" in vars(m) for m in lean.modules() if type(m) in MLP_CLASSES + NORM_CLASSES)
-    plain = load_policy(ModelConfig(name_or_path="tiny-llama", lean_activations=False))
+    with cpu_switches(lean_activations=False):
+        plain = load_policy(ModelConfig(name_or_path="tiny-llama"))
     assert not any("forward" in vars(m) for m in plain.modules() if type(m) in MLP_CLASSES + NORM_CLASSES)
     critic = load_scalar_model(ModelConfig(name_or_path="tiny-llama"))
     assert any("forward" in vars(m) for m in critic.modules() if type(m) in MLP_CLASSES)

@@ -1,6 +1,6 @@
-"""engine/onednn.py: float32 CPU linears on oneDNN give F.linear's values and gradients (to float32
+"""rlhf_engine.backends.cpu.onednn: float32 CPU linears on oneDNN give F.linear's values and gradients (to float32
 summation order), and take over only where they should: float32 on CPU outside autocast, in every
-loaded model unless `model.onednn_linear: false`."""
+loaded model unless `cpu.onednn_linear: false`."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf_engine import onednn
+from helpers import cpu_switches
+from rlhf_engine.backends.cpu import onednn
 from rlhf_engine.config import ModelConfig
 from rlhf_engine.models import load_policy, load_scalar_model
 
@@ -69,9 +70,10 @@ def test_loaded_models_use_it_unless_turned_off():
     critic = load_scalar_model(ModelConfig(name_or_path="tiny-llama"))
     for model in (policy, reference, critic):
         assert patched(model) and all(patched(model))
-    off = load_policy(ModelConfig(name_or_path="tiny-llama", onednn_linear=False))
+    with cpu_switches(onednn_linear=False):
+        off = load_policy(ModelConfig(name_or_path="tiny-llama"))
     assert patched(off) and not any(patched(off))
-    # the lean MLP (engine.lean) follows its projections: oneDNN in `policy`, aten in `off`
+    # the lean MLP (lean.py) follows its projections: oneDNN in `policy`, aten in `off`
     assert all(onednn.is_routed(m.mlp.down_proj) for m in policy.model.layers)
     assert not any(onednn.is_routed(m.mlp.down_proj) for m in off.model.layers)
 
@@ -79,7 +81,8 @@ def test_loaded_models_use_it_unless_turned_off():
 def test_a_training_step_of_a_loaded_policy_matches_the_aten_linears():
     """Same logits and gradients (float32 summation order) with and without the switch, lean MLP included."""
     on = load_policy(ModelConfig(name_or_path="tiny-llama"))
-    off = load_policy(ModelConfig(name_or_path="tiny-llama", onednn_linear=False, lean_activations=False))
+    with cpu_switches(onednn_linear=False, lean_activations=False):
+        off = load_policy(ModelConfig(name_or_path="tiny-llama"))
     off.load_state_dict(on.state_dict())
     ids = torch.randint(0, on.config.vocab_size, (3, 21), generator=torch.Generator().manual_seed(2))
     results = []

@@ -120,9 +120,9 @@ def test_registry_rejects_unknown_names_and_accepts_new_ones():
     assert "unknown advantage estimator 'dpo'" in str(err.value)
     for name in ("grpo", "ppo", "reinforce++", "rloo"):
         assert name in str(err.value)
-    # every config literal has an estimator, and only PPO needs a critic
+    # every config literal has an estimator, and only the critic-based algorithms need a critic
     assert set(PPOConfig.model_fields["algorithm"].annotation.__args__) <= set(rl.ADVANTAGE_ESTIMATORS)
-    assert [n for n in sorted(rl.ADVANTAGE_ESTIMATORS) if rl.needs_critic(n)] == ["ppo"]
+    assert [n for n in sorted(rl.ADVANTAGE_ESTIMATORS) if rl.needs_critic(n)] == ["a2c", "nlpo", "ppo", "trpo"]
 
     @rl.register_advantage_estimator("score-only")
     def score_only(*, rewards, response_mask, **_):

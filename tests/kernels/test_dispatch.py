@@ -63,7 +63,7 @@ def test_import_and_run_without_triton():
     """The package imports and runs on CPU with triton unimportable; forcing triton says why it fails."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import torch, kernels\n"
+        "import torch\nfrom rlhf_engine import kernels\n"
         "x = torch.randn(3, 11, requires_grad=True)\n"
         "kernels.logprobs_from_logits(x, torch.tensor([1, 2, 3])).sum().backward()\n"
         "assert kernels.choose_backend(x) == 'torch' and sys.modules['triton'] is None\n"

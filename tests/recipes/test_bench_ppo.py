@@ -49,8 +49,8 @@ def test_a_config_entry_carries_recipe_overrides_and_bad_ones_are_refused(capsys
     bench = load_launch_script("bench_ppo")
     ap = argparse.ArgumentParser(prog="bench_ppo")
     assert bench.parse_config("trl_equal", ap) == ("trl_equal", [])
-    assert bench.parse_config("trl_equal:model.onednn_linear=false; train.steps=3", ap) == (
-        "trl_equal", ["model.onednn_linear=false", "train.steps=3"])
+    assert bench.parse_config("trl_equal:cpu.onednn_linear=false; train.steps=3", ap) == (
+        "trl_equal", ["cpu.onednn_linear=false", "train.steps=3"])
     for entry, expected in (("fp16", "unknown config 'fp16'"), ("recommended:model.dtype", "is not KEY=VALUE")):
         with pytest.raises(SystemExit):
             bench.parse_config(entry, ap)

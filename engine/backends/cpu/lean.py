@@ -27,23 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf_engine import onednn
+from rlhf_engine.backends.cpu import onednn
+from rlhf_engine.backends.cpu.arch import llama_family
 
 
-def _classes(kind: str) -> tuple[type, ...]:
-    """Exact transformers classes of `kind` ("MLP" or "RMSNorm") for Llama, Mistral and Qwen2."""
-    found = []
-    for family, prefix in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2")):
-        try:
-            mod = __import__(f"transformers.models.{family}.modeling_{family}", fromlist=[prefix + kind])
-            found.append(getattr(mod, prefix + kind))
-        except (ImportError, AttributeError):  # pragma: no cover - older/newer transformers
-            pass
-    return tuple(dict.fromkeys(found))  # Mistral's norm may be Llama's own class
-
-
-MLP_CLASSES = _classes("MLP")
-NORM_CLASSES = _classes("RMSNorm")
+MLP_CLASSES = llama_family("MLP")
+NORM_CLASSES = llama_family("RMSNorm")
 
 
 def _silu_classes() -> tuple[type, ...]:
@@ -83,13 +72,13 @@ class SwiGLU(torch.autograd.Function):
     """down(silu(gate(x)) * up(x)) keeping x, gate(x), up(x) for backward (not the two products).
 
     x [..., hidden]; w_gate, w_up [inter, hidden]; w_down [hidden, inter]; biases or None -> [..., hidden].
-    onednn_fp32: float32 linears through engine.onednn (set when the module's own projections are routed there).
+    onednn_fp32: float32 linears through onednn (set when the module's own projections are routed there).
     """
 
     @staticmethod
     def forward(ctx, x, w_gate, b_gate, w_up, b_up, w_down, b_down, onednn_fp32: bool = False):
         x_dtype = x.dtype
-        ctx.onednn_fp32 = onednn_fp32  # float32 linears on oneDNN, as the projections' own forwards (engine.onednn)
+        ctx.onednn_fp32 = onednn_fp32  # float32 linears on oneDNN, as the projections' own forwards (onednn.py)
         linear = onednn.linear if onednn_fp32 else F.linear
         ctx.autocast = _Autocast(x.device.type)
         if ctx.autocast.enabled:

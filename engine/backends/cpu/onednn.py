@@ -1,15 +1,10 @@
 """float32 linears on CPU through oneDNN instead of the BLAS behind ``F.linear``.
 
 PyTorch's CPU builds run a float32 ``F.linear`` / ``matmul`` on MKL's sgemm, and bf16 ones on
-oneDNN. On the AMD EPYC this engine is benchmarked on, oneDNN's float32 kernels are faster for the
-shapes of a training step (SmolLM2-135M, 552-1616 tokens, measured with ``x @ W.T`` and
-``grad_y @ W``, best of 3 x 15 calls each):
-
-    forward  x @ W.T    +5-16% (decoder projections), +30-70% (the 49152-row LM head)
-    backward grad_y @ W  +5-25%
-    backward grad_y.T @ x  no gain (MKL as fast or faster: it stays on torch.mm)
-
-so ``linear`` below runs the forward and the input gradient of a float32 CPU linear through
+oneDNN. On the CPUs measured, oneDNN's float32 kernels are faster for the
+forward (``x @ W.T``, most for a wide LM head) and the input gradient (``grad_y @ W``) of a training
+step's shapes, and not for the weight gradient (which stays on torch.mm); numbers in
+docs/benchmarks.md. So ``linear`` below runs the forward and the input gradient of a float32 CPU linear through
 ``torch.ops.mkldnn._linear_pointwise`` (oneDNN's inner-product primitive on the plain, unpacked
 weight: no packed copy is kept, so weights updated by the optimizer are always seen). The
 numbers are float32 throughout (no down-conversion), equal to ``F.linear`` up to summation order
@@ -17,7 +12,7 @@ numbers are float32 throughout (no down-conversion), equal to ``F.linear`` up to
 ``F.linear``, so the patch is safe to leave on everywhere.
 
 ``use_onednn_linears(model)`` gives every plain ``nn.Linear`` of a model this forward (the
-recipe switch is ``model.onednn_linear``); ``engine.lean``'s fused MLP calls ``linear`` and
+recipe switch is ``cpu.onednn_linear``); ``lean``'s fused MLP calls ``linear`` and
 ``input_grad`` directly when its projections are routed here (``is_routed``).
 """
 from __future__ import annotations

@@ -32,23 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf_engine.hybrid import DECODE_ROWS, skinny_linear
+from rlhf_engine.backends.cpu.arch import llama_family
+from rlhf_engine.backends.cpu.linear import DECODE_ROWS, skinny_linear
 
 
-def _supported_classes() -> tuple[type, ...]:
-    """The causal-LM classes whose decoder layers this module implements (exact types, not names)."""
-    classes = []
-    for module, name in (("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"),
-                         ("qwen2", "Qwen2ForCausalLM")):
-        try:
-            mod = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=[name])
-            classes.append(getattr(mod, name))
-        except (ImportError, AttributeError):  # pragma: no cover - older/newer transformers
-            pass
-    return tuple(classes)
-
-
-SUPPORTED = _supported_classes()
+SUPPORTED = llama_family("ForCausalLM")
 
 
 def _plain_linear(module: nn.Module) -> Optional[nn.Linear]:
