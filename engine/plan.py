@@ -12,7 +12,7 @@ cache, or the hub when online), builds it on the meta device to count parameters
 - train: gradients, saved activations (fewer with gradient checkpointing), logits and their gradient,
   gathered layers and ZeRO buckets.
 Activation sizes are elements per token per layer, measured with saved-tensor hooks on Llama-style
-models here (``ACT_*`` below); docs/benchmarks-memory.md compares the totals with measured peaks.
+models here (``ACT_*`` below); docs/benchmarks.md ("Memory planner") compares the totals with measured peaks.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ GIB = 2 ** 30
 SHIPPED = Path(__file__).with_name("model_configs")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # saved activations per token and decoder layer, in elements (measured with saved_tensors_hooks on
-# Llama-style layers, sdpa attention): lean MLP/RMSNorm (engine/lean.py) vs HF's own
+# Llama-style layers, sdpa attention): lean MLP/RMSNorm (engine/backends/cpu/lean.py, CPU ranks only) vs HF's own
 ACT_H, ACT_I_LEAN, ACT_I_HF = 8.3, 2.0, 5.25
 ZERO_BUCKET = int(5e7)  # reduce / allgather / prefetch bucket elements set by distributed.ds_config
 OPTIONS = ("micro_batch_size", "gradient_checkpointing", "layers_per_group", "generation_batch_size", "zero_stage",
@@ -180,8 +180,9 @@ def _shares_reference(recipe: Recipe) -> bool:
 
 def plan_recipe(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1, gpu_memory_gib: Optional[float] = None,
                 host_memory_gib: Optional[float] = None, aliases: Optional[dict] = None, name: str = "",
-                suggest: bool = True) -> Plan:
-    """Per-rank peak bytes by phase and component for ``recipe`` on ``nodes`` x ``gpus_per_node`` ranks."""
+                suggest: bool = True, on_cpu: bool = False) -> Plan:
+    """Per-rank peak bytes by phase and component for ``recipe`` on ``nodes`` x ``gpus_per_node`` ranks
+    (``on_cpu``: CPU ranks, where the recipe's ``cpu`` section switches apply)."""
     world = gpus_per_node * nodes
     sizes = derive_batch_sizes(recipe, world)
     ds, t, gen = recipe.deepspeed, recipe.train, recipe.generation
@@ -226,7 +227,8 @@ def plan_recipe(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1, gpu_memo
             add(everywhere, "weights", weights)
         if stage == 3:  # one layer being used and one prefetched, in the weight dtype
             add(tuple(p for p in ("score", "train") if p in phases), "gathered_params", min(n, 2 * shape.layer_params + ZERO_BUCKET) * bw, role)
-        act_el = ACT_H * shape.hidden + (ACT_I_LEAN if cfg.lean_activations else ACT_I_HF) * shape.intermediate
+        lean = on_cpu and recipe.cpu.lean_activations  # engine/backends/cpu: applied on CPU ranks only
+        act_el = ACT_H * shape.hidden + (ACT_I_LEAN if lean else ACT_I_HF) * shape.intermediate
         if cfg.attn_implementation == "eager":
             act_el += shape.heads * T
         layer_act = act_el * ba  # bytes per token per layer

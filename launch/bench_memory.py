@@ -105,11 +105,11 @@ def measure(name: str, nproc: int, overrides: list[str], out_dir: Path, steps: i
             "device_mib": max((r.get("memory/peak_device_mib", 0) for r in rows), default=0)}
 
 
-def predict(nproc: int, overrides: list[str]) -> dict:
+def predict(nproc: int, overrides: list[str], on_cpu: bool = True) -> dict:
     from rlhf_engine.config import load_recipe
     from rlhf_engine.plan import plan_recipe
 
-    plan = plan_recipe(load_recipe(REPO / BASE, overrides), nproc, 1)
+    plan = plan_recipe(load_recipe(REPO / BASE, overrides), nproc, 1, on_cpu=on_cpu)
     return {"device_mib": plan.peak_bytes / 2 ** 20, "host_mib": plan.host_bytes_per_node / nproc / 2 ** 20,
             "peak_phase": plan.peak_phase}
 
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     for name in args.runs:
         nproc, overrides = RUNS[name]
         overrides = [o.replace("{llama}", str(llama)) for o in overrides]
-        pred = predict(nproc, overrides)
+        pred = predict(nproc, overrides, on_cpu=not cuda)
         got = measure(name, nproc, overrides, out_dir, args.steps)
         measured = got["device_mib"] if cuda else got["rss_mib"] - base
         predicted = pred["device_mib"] + (0 if cuda else pred["host_mib"])
