@@ -100,11 +100,30 @@ def barrier() -> None:
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of ``tensor`` over ranks (any shape, same on every rank); the input is left untouched."""
-    out = tensor.detach().clone()
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return (all_reduce_sum(tensor) / world).to(tensor.dtype)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Elementwise float64 sum of ``values`` over ranks (a copy; the input is untouched). float64 keeps
+    sums of token counts exact (gloo and nccl both reduce it)."""
+    out = values.detach().double().clone()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        out /= dist.get_world_size()
     return out
+
+
+def global_mean(x) -> float:
+    """Mean over all ranks' elements of x (any shapes; one all-reduce)."""
+    x = torch.as_tensor(x).detach()
+    total, n = all_reduce_sum(torch.stack([x.double().sum(), torch.tensor(float(x.numel()), dtype=torch.float64)]))
+    return float(total / n.clamp(min=1))
+
+
+def global_std(x: torch.Tensor) -> float:
+    """Standard deviation (population) over all ranks' elements of x."""
+    mean = global_mean(x)
+    return global_mean((x.detach().double() - mean) ** 2) ** 0.5
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

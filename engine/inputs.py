@@ -68,6 +68,8 @@ def check_inputs(recipe: Recipe, *, outputs_later: bool = False) -> None:
         if reward.type == "callable":
             from rlhf_engine.rewards import load_function
             load_function(reward.function)
+    if recipe.eval.test_data is not None:
+        _check_data("eval.test_data", recipe.eval.test_data)
 
 
 def check_output_dir(recipe: Recipe) -> None:

@@ -21,6 +21,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
                           AutoTokenizer, PretrainedConfig, PreTrainedModel)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from rlhf_engine.batching import position_ids_from_mask
 from rlhf_engine.config import ModelConfig, RecipeError
 from rlhf_engine.console import LoadReport, new_modules
 from rlhf_engine.backends import cpu as cpu_backend
@@ -349,7 +350,7 @@ class ScalarModel(nn.Module):
         if self.encoder:
             raise ValueError("per-token values need a causal LM backbone (critic); this ScalarModel is an encoder")
         if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = position_ids_from_mask(attention_mask)
         hidden = self._base().base_model(input_ids=input_ids, attention_mask=attention_mask,
                                          position_ids=position_ids, use_cache=False).last_hidden_state
         return self.values_from_hidden(hidden, attention_mask)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import deepspeed
 import torch
 
+from rlhf_engine import seq2seq
 from rlhf_engine.distributed import create_frozen_engine, unwrap
 from rlhf_engine.models import load_policy
 
@@ -23,6 +24,9 @@ def build_mask_model(recipe, sizes):
         raise ValueError("ppo.algorithm nlpo does not support model.lora yet (the mask model copies the actor's "
                          "full weights); train all weights or use ppo")
     model = load_policy(recipe.model, recipe.cache_dir, for_training=False)
+    if seq2seq.is_seq2seq(model):
+        raise ValueError("ppo.algorithm nlpo supports causal LM policies only (the masked log-probs follow the "
+                         "causal forward); use ppo for encoder-decoder models")
     return create_frozen_engine(model, recipe, sizes, zero_stage=0)
 
 

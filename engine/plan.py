@@ -156,6 +156,8 @@ def _roles(recipe: Recipe) -> dict:
     from rlhf_engine import rl
     from rlhf_engine.trainer import critic_model_config
 
+    if recipe.stage == "dpo" and recipe.dpo.reference == "on_the_fly":  # precompute frees it before training
+        return {"model": (recipe.model, True, False), "reference": (recipe.reference or recipe.model, False, False)}
     if recipe.stage != "rl":
         return {"model": (recipe.model, True, recipe.stage == "reward")}
     roles = {"actor": (recipe.model, True, False), "reference": (recipe.reference or recipe.model, False, False)}

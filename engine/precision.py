@@ -12,7 +12,6 @@ console, the summary and ``run.json`` in the run folder.
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import torch
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_engine.batching import EpochSampler
 from rlhf_engine.config import Recipe, RecipeError
 from rlhf_engine.data import collate_sft, load_sft
+from rlhf_engine.distributed import all_reduce_sum
 from rlhf_engine.sft import sft_loss
-from rlhf_engine.supervised import EpochSampler, _eval_share, _sum_over_ranks
+from rlhf_engine.supervised import _eval_share
 
 
 def _nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +60,7 @@ class PtxMixer:
         for i in range(0, len(self.eval_items), self.micro):
             loss, n = _nll(actor, self._batch(self.eval_items[i:i + self.micro]))
             nll, tokens = nll + loss.double().cpu() * n.cpu(), tokens + n.cpu()
-        total = _sum_over_ranks(torch.stack([nll, tokens]))
+        total = all_reduce_sum(torch.stack([nll, tokens]))
         return {"ptx/loss": float(total[0] / total[1].clamp(min=1))}
 
     def state_dict(self) -> dict:

@@ -52,8 +52,25 @@ def load_run(run_dir: Path) -> dict:
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl; pass a run folder (<output_dir>/<name>) of a "
                                 "run that logged at least one step")
     info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    evals = read_jsonl(run_dir / "eval.jsonl")  # RL test-split lines carry split: test
     return {"dir": run_dir, "name": run_dir.name, "metrics": read_jsonl(run_dir / "metrics.jsonl"),
-            "eval": read_jsonl(run_dir / "eval.jsonl"), "samples": read_jsonl(run_dir / "samples.jsonl"), "info": info}
+            "eval": [r for r in evals if r.get("split", "eval") == "eval"],
+            "test": [r for r in evals if r.get("split") == "test"],
+            "samples": read_jsonl(run_dir / "samples.jsonl"), "info": info}
+
+
+def _metric_rows(run: dict) -> list[str]:
+    """Table rows of the evaluation metrics (eval.metrics, reward parts), first -> last evaluation, per split."""
+    out = []
+    for split in ("eval", "test"):
+        rows = run.get(split) or []
+        keys = [k for k in rows[0] if "/" in k and k not in ("score/mean", "kl/mean", "response/length")] if rows else []
+        for key in keys:
+            pts = [r for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                out.append(f"| {split} | {key} | {pts[0][key]:.4f} (step {pts[0]['step']}) | "
+                           f"{pts[-1][key]:.4f} (step {pts[-1]['step']}) |")
+    return out
 
 
 def overview_figure(runs: list[dict], path: Path) -> Path:
@@ -184,6 +201,10 @@ def write_report(run_dirs: list, out_dir: Optional[Path] = None) -> Path:
     for run in runs:
         lines += [f"## {run['name']}" if len(runs) > 1 else "## Summary", "", f"Run folder: `{run['dir']}`", "",
                   "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in _summary_rows(run)], ""]
+        metric_rows = _metric_rows(run)
+        if metric_rows:
+            lines += ["### Evaluation metrics" if len(runs) > 1 else "## Evaluation metrics", "",
+                      "| split | metric | first | last |", "|---|---|---|---|", *metric_rows, ""]
         samples = _samples(run)
         if samples:
             lines += ["### Samples (eval prompts)" if len(runs) > 1 else "## Samples (eval prompts)", "", *samples]

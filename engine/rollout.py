@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from rlhf_engine import kernels, seq2seq
+from rlhf_engine.batching import chunks, position_ids_from_mask
 from rlhf_engine.config import GenerationSection
 
 
@@ -79,17 +80,15 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
             out[f.name] = None
         elif isinstance(values[0], list):
             out[f.name] = [x for v in values for x in v]
+        elif isinstance(values[0], dict):  # reward_parts {name: [B]} rows; reward_extra {key: batch mean} averaged
+            out[f.name] = {k: torch.cat([v[k] for v in values]) if isinstance(values[0][k], torch.Tensor)
+                           else sum(v[k] for v in values) / len(values) for k in values[0]}
         elif f.name in ("prompt_ids", "prompt_mask"):
             fill = pad_token_id if f.name == "prompt_ids" else 0
             out[f.name] = torch.cat([torch.nn.functional.pad(v, (width - v.shape[1], 0), value=fill) for v in values])
         else:
             out[f.name] = torch.cat(values)
     return Rollout(**out)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] positions that skip left padding, as `generate()` uses them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int,
@@ -395,6 +394,4 @@ def forward_values(critic: Callable, input_ids: torch.Tensor, attention_mask: to
 @torch.no_grad()
 def micro_batched(fn: Callable, micro_batch_size: int, *tensors: torch.Tensor, **kwargs) -> torch.Tensor:
     """Apply fn to row slices of `tensors` and concatenate: bounded memory for scoring passes."""
-    B = tensors[0].shape[0]
-    outs = [fn(*(t[i:i + micro_batch_size] for t in tensors), **kwargs) for i in range(0, B, micro_batch_size)]
-    return torch.cat(outs)
+    return torch.cat([fn(*parts, **kwargs) for parts in zip(*(chunks(t, micro_batch_size) for t in tensors))])

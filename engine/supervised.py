@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 import torch
-import torch.distributed as tdist
 from torch import nn
 
+from rlhf_engine.batching import EpochSampler, chunks
 from rlhf_engine.checkpoint import CheckpointManager, prepare_run_dir
 from rlhf_engine.config import Recipe, RecipeError, derive_batch_sizes
-from rlhf_engine.distributed import (DistInfo, barrier, create_train_engine, ds_config, gather_full_state_dict,
-                                init_distributed, unwrap, zero_init_context)
+from rlhf_engine.distributed import (DistInfo, all_reduce_sum, barrier, create_train_engine, ds_config,
+                                     gather_full_state_dict, init_distributed, unwrap, zero_init_context)
 from rlhf_engine.models import load_tokenizer
 from rlhf_engine.tracking import Tracker, plot_metrics, run_dir_for
 
@@ -68,42 +68,8 @@ class SupervisedTask(Protocol):
         """Global sums -> eval metrics (floats)."""
 
 
-class EpochSampler:
-    """Global mini-batches of row indices: one seeded permutation per epoch, ragged tail dropped.
-
-    Stateless in the step number (batch(k) is always the same), so every rank draws the same
-    global batch and a resumed run continues the same order.
-    """
-
-    def __init__(self, num_rows: int, batch_size: int, seed: int):
-        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
-        self.steps_per_epoch = num_rows // batch_size
-        self._epoch, self._perm = -1, None
-
-    def batch(self, step: int) -> list[int]:
-        """Row indices of optimizer step ``step`` (0-based)."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.num_rows, generator=gen)
-        return self._perm[k * self.batch_size:(k + 1) * self.batch_size].tolist()
-
-
-def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Elementwise sum of a float tensor over ranks (a copy; no-op on one rank)."""
-    out = values.detach().double().clone()
-    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        # gloo and nccl both reduce float64; the sums of token counts stay exact
-        tdist.all_reduce(out)
-    return out
-
-
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _chunks(rows: list, size: int) -> list[list]:
-    return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
 def _eval_share(ds, size: int, dist: DistInfo) -> list:
@@ -157,11 +123,11 @@ def train_supervised(recipe: Recipe, dist: Optional[DistInfo], task: SupervisedT
             return {}
         engine.eval()
         sums: dict[str, torch.Tensor] = {}
-        for items in _chunks(eval_items, sizes.micro_batch_size):
+        for items in chunks(eval_items, sizes.micro_batch_size):
             for k, v in task.eval_sums(engine, _to_device(task.collate(items), dist.device)).items():
                 sums[k] = sums.get(k, 0.0) + v.detach().double().cpu()
         keys = sorted(sums)
-        totals = _sum_over_ranks(torch.stack([sums[k] for k in keys]))
+        totals = all_reduce_sum(torch.stack([sums[k] for k in keys]))
         metrics = task.eval_metrics(dict(zip(keys, totals)))
         engine.train()
         tracker.log_eval(step, metrics)
@@ -191,7 +157,7 @@ def train_supervised(recipe: Recipe, dist: Optional[DistInfo], task: SupervisedT
         mine = global_rows[dist.rank * rank_rows:(dist.rank + 1) * rank_rows]
         stat_sums: dict[str, torch.Tensor] = {}
         local_tokens = 0
-        for rows in _chunks(mine, sizes.micro_batch_size):
+        for rows in chunks(mine, sizes.micro_batch_size):
             items = [train_ds[i] for i in rows]
             units = sum(task.units(it) for it in items)
             batch = _to_device(task.collate(items), dist.device)
@@ -207,7 +173,7 @@ def train_supervised(recipe: Recipe, dist: Optional[DistInfo], task: SupervisedT
 
         # ---- 4. log, evaluate -------------------------------------------------------------------------
         keys = sorted(stat_sums)
-        totals = _sum_over_ranks(torch.stack([stat_sums[k] for k in keys] + [torch.tensor(float(local_tokens))]))
+        totals = all_reduce_sum(torch.stack([stat_sums[k] for k in keys] + [torch.tensor(float(local_tokens))]))
         step_s = time.perf_counter() - t_step
         metrics = {f"{k}/train": float(v) / max(global_units, 1) for k, v in zip(keys, totals[:-1])}
         grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None

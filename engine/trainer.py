@@ -17,11 +17,14 @@ import torch
 
 from rlhf_engine import kernels
 from rlhf_engine import rl
+from rlhf_engine.batching import EpochSampler
+from rlhf_engine.batching import chunks as _micro_slices
 from rlhf_engine.checkpoint import CheckpointManager, prepare_run_dir
 from rlhf_engine.config import Recipe, derive_batch_sizes
 from rlhf_engine.data import collate_prompts, load_prompts
 from rlhf_engine.distributed import (DistInfo, barrier, create_frozen_engine, create_train_engine,
                                 ds_config, init_distributed, unwrap, zero_init_context)
+from rlhf_engine.distributed import all_reduce_sum as _global_sum, global_mean as _global_mean, global_std as _global_std
 from rlhf_engine.ema import EmaActor, evaluate_ema
 from rlhf_engine.hybrid import HybridEngine
 from rlhf_engine.models import dtype_of, load_policy, load_scalar_model, load_tokenizer
@@ -34,30 +37,25 @@ from rlhf_engine.tracking import Tracker, plot_metrics, run_dir_for
 
 
 class PromptSampler:
-    """Seeded epoch permutations of prompt indices; every rank draws the same global batch."""
+    """Seeded epoch orders of prompt indices (`batching.EpochSampler`); every rank draws the same global batch."""
 
     def __init__(self, num_prompts: int, batch_size: int, seed: int):
         if num_prompts < batch_size:
             raise ValueError(f"data: {num_prompts} training prompts but train.rollout_batch_size is {batch_size}; "
                              "add prompts or lower the batch size")
-        self.n, self.batch_size, self.seed = num_prompts, batch_size, seed
-        self.epoch, self.pos = 0, 0
-
-    def _perm(self) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        self.order, self.step = EpochSampler(num_prompts, batch_size, seed), 0
 
     def next_batch(self) -> list[int]:
-        if self.pos + self.batch_size > self.n:  # drop the ragged tail: every step sees a full batch
-            self.epoch, self.pos = self.epoch + 1, 0
-        idx = self._perm()[self.pos:self.pos + self.batch_size].tolist()
-        self.pos += self.batch_size
+        idx = self.order.batch(self.step)  # the ragged tail is dropped: every step sees a full batch
+        self.step += 1
         return idx
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
+        epoch, k = divmod(self.step, self.order.steps_per_epoch)
+        return {"epoch": epoch, "pos": k * self.order.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
+        self.step = state["epoch"] * self.order.steps_per_epoch + state["pos"] // self.order.batch_size
 
 
 @dataclass
@@ -123,10 +121,6 @@ def critic_model_config(recipe: Recipe):
             raise ValueError("critic.init_from 'reward' needs exactly one reward of type 'model' with reward.model set")
         return model_rewards[0].model.model_copy(update=update)
     return recipe.model.model_copy(update={"name_or_path": src, "gguf_file": None, **update})
-
-
-def _micro_slices(rows: torch.Tensor, micro: int):
-    return [rows[i:i + micro] for i in range(0, len(rows), micro)]
 
 
 def train_rl(recipe: Recipe, dist: Optional[DistInfo] = None, resume: Optional[str] = None) -> dict:
@@ -623,25 +617,6 @@ def _eval_items(ds, size: int, dist: DistInfo) -> list:
     n = min(size, len(ds)) if size else 0
     n -= n % dist.world_size  # equal shares keep the ranks' collective calls in step
     return [ds[i] for i in range(dist.rank, n, dist.world_size)]
-
-
-def _global_sum(x: torch.Tensor) -> torch.Tensor:
-    t = x.detach().float().sum().reshape(1)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t)
-    return t[0]
-
-
-def _global_mean(x) -> float:
-    """Mean over all ranks' elements of x (equal shapes on every rank)."""
-    x = torch.as_tensor(x).detach().float()
-    n = _global_sum(torch.tensor(float(x.numel())))
-    return float(_global_sum(x) / n.clamp(min=1))
-
-
-def _global_std(x: torch.Tensor) -> float:
-    mean = _global_mean(x)
-    return float(_global_mean((x.float() - mean) ** 2) ** 0.5)
 
 
 def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:

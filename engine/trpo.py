@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as tdist
 
-from rlhf_engine import kernels, rl
+from rlhf_engine import kernels, rl, seq2seq
 from rlhf_engine.distributed import unwrap
-from rlhf_engine.rollout import position_ids_from_mask
+from rlhf_engine.batching import position_ids_from_mask
 
 
 def check_trpo_supported(recipe) -> None:
@@ -44,6 +44,9 @@ def trpo_update(actor, r, advantages: torch.Tensor, ppo, temperature: float, mic
     until the surrogate falls and the sampled KL (k3) stays within 1.5 x max_kl.
     """
     module = unwrap(actor)
+    if seq2seq.is_seq2seq(module):
+        raise ValueError("ppo.algorithm trpo supports causal LM policies only; use ppo or a2c for "
+                         "encoder-decoder models")
     params = [p for p in module.parameters() if p.requires_grad]
     seq, attn, mask, R = r.sequences, r.attention_mask, r.response_mask, r.response_ids.shape[1]
     slices = [torch.arange(len(seq))[i:i + micro] for i in range(0, len(seq), micro)]

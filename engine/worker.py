@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import sys
@@ -20,23 +22,23 @@ def run(recipe: Recipe, resume: str | None = None, *, process_start: bool = Fals
     the libraries' progress bars and warnings (otherwise one line per model, rlhf_engine.console)."""
     from rlhf_engine.backends import on_cpu
 
-    if not verbose:
-        from rlhf_engine.console import quiet_libraries
-
-        quiet_libraries()
-
     run_info: dict = {}
     if on_cpu():  # CPU tuning, once per run; never on GPU
         from rlhf_engine.backends import cpu
 
-        run_info["cpu"] = cpu.start_run(recipe.cpu, process_start=process_start)
+        run_info["cpu"] = cpu.start_run(recipe.cpu, process_start=process_start)  # may re-exec: first
+    if not verbose:
+        from rlhf_engine.console import quiet_libraries
+
+        quiet_libraries()
     from rlhf_engine.distributed import init_distributed
     from rlhf_engine.inputs import check_inputs, check_output_dir
     from rlhf_engine.precision import resolve_precision
 
     check_output_dir(recipe)
     check_inputs(recipe)
-    dist = init_distributed(recipe.num_threads)
+    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+        dist = init_distributed(recipe.num_threads)  # DeepSpeed prints a line when it loads its CPU comm op
     run_info["precision"] = resolve_precision(recipe, dist.is_main)
     if recipe.stage == "rl":
         from rlhf_engine.trainer import train_rl

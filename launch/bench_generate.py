@@ -105,6 +105,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
+    if not torch.cuda.is_available():  # as a CPU run does: the CPU backend's model switches at their defaults
+        from rlhf_engine.backends import cpu
+        from rlhf_engine.config import CpuConfig
+
+        cpu.configure(CpuConfig())
     init_distributed(num_threads=args.threads)
     rank, world = dist.get_rank(), dist.get_world_size()
 

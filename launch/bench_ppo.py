@@ -74,6 +74,13 @@ CONFIGS = {
                                         "model": {"attn_implementation": "eager"},
                                         "reference": {"name_or_path": "smollm2-135m-instruct", "dtype": "bf16"},
                                         "reward": {"model": {"dtype": "bf16"}}}),
+    # recommended + off-policy correction: old log-probs still recomputed by a training forward,
+    # weighted by truncated importance sampling against the generation's log-probs (TRL's and veRL's TIS)
+    "recommended_tis": lambda r: _merge(CONFIGS["recommended"](r), {"ppo": {"rollout_correction": "tis",
+                                                                            "rollout_is_cap": 2.0}}),
+    # recommended with the old log-probs taken from generation: no actor scoring pass at all
+    "recommended_generation_logprobs": lambda r: _merge(CONFIGS["recommended"](r),
+                                                        {"ppo": {"old_logprobs": "generation"}}),
 }
 
 

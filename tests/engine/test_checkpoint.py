@@ -43,7 +43,7 @@ def test_keep_last_and_crashed_saves(run):
             for rank in (0, 1):  # every rank's ZeRO shards: weights + optimizer
                 assert f"engines/{name}/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in files
             assert f"hf/{name}/config.json" in files
-        assert {"COMPLETE", "trainer_state.json", "checkpoint.json", "rng/rank0.pt", "rng/rank1.pt",
+        assert {"COMPLETE", "trainer_state.json", "checkpoint.json", "rng/rank0.json", "rng/rank1.json",
                 "tokenizer/tokenizer.json", "tokenizer/chat_template.jinja", "hf/lora/adapter_config.json"} <= files
     for r in results["resaved"].values():  # the next save removed the leftover and pruned step-2
         assert r["entries"] == ["step-3", "step-4", "step-5"] and r["latest"] == "step-4"

@@ -61,3 +61,29 @@ def test_dpo_zero3_lora_two_ranks_learns_and_exports(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(final)  # LoRA merged: a plain causal LM folder
     assert not any("lora" in name for name, _ in model.named_parameters())
     assert json.loads((final / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_precomputed_and_on_the_fly_reference_agree():
+    """The reference's log-probs stored in the rows before training equal a reference forward per batch."""
+    from rlhf_engine.config import load_recipe
+    from rlhf_engine.distributed import DistInfo, local_device
+    from rlhf_engine.dpo import DPOTask
+    from rlhf_engine.models import load_policy, load_tokenizer
+    from helpers import REPO
+
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=local_device(), is_main=True)
+    sums = {}
+    for mode in ("precompute", "on_the_fly"):
+        recipe = load_recipe(REPO / "recipes/tiny/dpo-zero3.yaml", ["deepspeed.zero_stage=0", "data.limit=12",
+                                                                     "data.eval_size=4", f"dpo.reference={mode}"])
+        task = DPOTask(recipe, dist)
+        _, held_out, _ = task.load_data(recipe, load_tokenizer(recipe.model, recipe.cache_dir))
+        batch = task.collate([held_out[i] for i in range(4)])
+        assert ("ref_chosen" in batch) == (mode == "precompute")
+        torch.manual_seed(0)
+        policy = load_policy(recipe.model, recipe.cache_dir)  # LoRA B = 0: the policy equals the reference
+        with torch.no_grad():
+            sums[mode] = task.eval_sums(policy, batch)
+    for key in ("loss", "chosen_logp", "rejected_logp", "chosen_reward"):
+        assert float(sums["precompute"][key]) == pytest.approx(float(sums["on_the_fly"][key]), abs=1e-4), key
+    assert float(sums["precompute"]["loss"]) == pytest.approx(4 * math.log(2), abs=1e-4)

@@ -120,3 +120,19 @@ def test_reward_list_and_eval_section_load(tmp_path):
     assert [r.label for r in recipe.reward_configs()] == ["length", "rouge"]
     assert [m.name for m in recipe.eval.metric_configs()] == ["rouge", "bleu"]
     assert recipe.eval.generation.do_sample is False
+
+
+def test_rollouts_keep_reward_parts_through_select_and_concat():
+    """DAPO's dynamic sampling selects prompt groups and concatenates rollouts: each reward's values follow."""
+    from rlhf_engine.rollout import Rollout, concat_rollouts
+
+    def rollout(offset):
+        ids = torch.arange(4).view(2, 2) + offset
+        return Rollout(ids, torch.ones(2, 2), ids, torch.ones(2, 2), torch.ones(2, dtype=torch.bool), ["a", "b"],
+                       ["x", "y"], scores=torch.tensor([1.0, 2.0]) + offset, references=[["r"], []], meta=[1, 2],
+                       reward_parts={"rouge": torch.tensor([0.1, 0.2]) + offset}, reward_extra={"judge/hits": offset})
+
+    both = concat_rollouts([rollout(0).select(torch.tensor([1])), rollout(10)], pad_token_id=0)
+    assert both.reward_parts["rouge"].tolist() == pytest.approx([0.2, 10.1, 10.2])
+    assert both.references == [[], ["r"], []] and both.meta == [2, 1, 2]
+    assert both.reward_extra == {"judge/hits": 5.0}

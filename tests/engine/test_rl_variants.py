@@ -163,3 +163,54 @@ def test_a2c_and_trpo_pieces():
     assert rl.backtracking_line_search(evaluate, 0.9, 0.01) == 0.25
     assert tried == [1.0, 0.5, 0.25]
     assert rl.backtracking_line_search(lambda f: (2.0, 0.0), 0.9, 0.01, backtracks=3) == 0.0
+
+
+def test_concat_rollouts_pads_prompts_and_joins_every_field():
+    from rlhf_engine.rollout import Rollout, concat_rollouts
+
+    def part(p_len, score, extra):
+        return Rollout(torch.full((1, p_len), 5), torch.ones(1, p_len), torch.tensor([[7, 8]]), torch.ones(1, 2),
+                       torch.tensor([True]), ["p"], ["r"], scores=torch.tensor([score]),
+                       reward_parts={"a": torch.tensor([score])}, reward_extra={"x": extra})
+
+    r = concat_rollouts([part(2, 1.0, 1.0), part(3, 2.0, 3.0)], pad_token_id=0)
+    assert r.prompt_ids.tolist() == [[0, 5, 5], [5, 5, 5]] and r.prompt_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert r.scores.tolist() == [1.0, 2.0] and r.reward_parts["a"].tolist() == [1.0, 2.0]
+    assert r.reward_extra == {"x": 2.0} and r.prompts == ["p", "p"] and r.logprobs is None
+
+
+def test_nlpo_sampling_stays_in_the_mask_and_generation_logprobs_match_training():
+    """Masked sampling (mask model = a perturbed copy of the actor, top-p 0.3) only emits allowed tokens,
+    and the generation's log-probs equal the masked training forward's (the exact path's mismatch is 0)."""
+    import copy
+
+    from rlhf_engine.config import GenerationSection, ModelConfig
+    from rlhf_engine.models import load_policy, load_tokenizer
+    from rlhf_engine.rollout import forward_logprobs, generate
+
+    cfg = ModelConfig(name_or_path="tiny-llama")
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    actor = load_policy(cfg, for_training=False)
+    mask_model = copy.deepcopy(actor)
+    with torch.no_grad():
+        for p in mask_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    enc = tokenizer(["Hello there", "Tell me about cats please"], return_tensors="pt", padding=True,
+                    padding_side="left")
+    gen = GenerationSection(max_new_tokens=6, temperature=0.8)
+    allowed = []
+    ids, mask, _, gen_lp = generate(actor, tokenizer, enc["input_ids"], enc["attention_mask"], gen,
+                                    return_logprobs=True, mask_model=mask_model, mask_top_p=0.3, allowed_out=allowed)
+    allowed = torch.cat(allowed)
+    assert allowed.shape == (2, 6, actor.config.vocab_size)
+    assert allowed.sum(-1).float().mean() < 0.5 * actor.config.vocab_size  # the mask does cut the vocabulary
+    real = mask.bool()
+    assert allowed.gather(-1, ids[..., None]).squeeze(-1)[real].all()  # every sampled token was allowed
+    seq = torch.cat([enc["input_ids"], ids], 1)
+    attn = torch.cat([enc["attention_mask"], mask.long()], 1)
+    with torch.no_grad():
+        train_lp = forward_logprobs(actor, seq, attn, 6, gen.temperature, allowed=allowed)
+        full_lp = forward_logprobs(actor, seq, attn, 6, gen.temperature)
+    close(gen_lp[real], train_lp[real], tol=1e-4)
+    assert (train_lp[real] >= full_lp[real] - 1e-5).all()  # renormalised over fewer tokens: never less likely

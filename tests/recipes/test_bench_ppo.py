@@ -8,7 +8,7 @@ from rlhf_engine.config import Recipe, derive_batch_sizes
 from helpers import load_launch_script
 
 
-@pytest.mark.parametrize("config", ["trl_equal", "recommended"])
+@pytest.mark.parametrize("config", ["trl_equal", "recommended", "recommended_tis", "recommended_generation_logprobs"])
 def test_generated_recipes_validate_and_describe_the_trl_workload(tmp_path, config):
     bench = load_launch_script("bench_ppo")
     args = argparse.Namespace(batch_size=8, response_length=32, steps=8, mini_batches=1, temperature=1.0,
@@ -20,6 +20,8 @@ def test_generated_recipes_validate_and_describe_the_trl_workload(tmp_path, conf
     assert recipe.generation.temperature == 1.0
     assert recipe.reward.type == "model" and recipe.reward.share_reference_backbone
     assert recipe.deepspeed.precision == ("fp32" if config == "trl_equal" else "bf16_autocast")
+    assert recipe.ppo.rollout_correction == ("tis" if config == "recommended_tis" else "none")
+    assert recipe.ppo.old_logprobs == ("generation" if config.endswith("generation_logprobs") else "recompute")
 
 
 def test_mini_batches_split_the_rollout_batch_like_trls_num_mini_batches(tmp_path):

@@ -48,6 +48,8 @@ def test_reference_task_with_metrics_remote_reward_and_test_split(tmp_path):
     for key in ("reward/rouge", "reward/dense", "reward/judge", "reward/judge/hits", "score/mean"):
         assert key in metrics[0] and math.isfinite(metrics[0][key]), (key, metrics[0])
     assert (run / "plots" / "reward_parts.png").is_file()  # every reward's curve in one figure
+    report = (run / "report.md").read_text()  # the run report tabulates every evaluation metric per split
+    assert "| test | rouge/rougeL |" in report and "| eval | reward/judge |" in report
     # the server's labels are the first references of the rows (train and test split)
     firsts = {json.loads(line)["references"][0] for split in ("train", "test")
               for line in (REPO / f"recipes/data/data2text-{split}.jsonl").open()}
