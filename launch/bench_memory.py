@@ -66,8 +66,8 @@ def random_llama(folder: Path) -> Path:
 
 
 BASELINE = r"""
-from rlhf_engine.allocator import ensure_tcmalloc
-ensure_tcmalloc()
+from rlhf_engine.backends.cpu.process import prepare_process
+prepare_process("auto", False)  # the allocator a training run gets (engine/backends/cpu)
 import rlhf_engine.trainer, deepspeed, transformers
 from rlhf_engine.distributed import init_distributed
 from rlhf_engine.models import load_tokenizer
