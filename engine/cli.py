@@ -79,15 +79,16 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _memory_check(args, recipe) -> int:
-    """On a GPU: plan the run for this device first; exit code 2 when it does not fit (0 when it does)."""
+def _memory_check(args, recipe, gpu_gib=None) -> int:
+    """On a GPU (or for ``gpu_gib``): plan the run for this device first; 2 when it does not fit, else 0."""
     import torch
 
-    if args.no_memory_check or not torch.cuda.is_available():
-        return 0
     from rlhf_engine.plan import GIB, plan_recipe, render
 
-    gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+    if gpu_gib is None and torch.cuda.is_available():
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+    if args.no_memory_check or gpu_gib is None:
+        return 0
     try:
         plan = plan_recipe(recipe, args.nproc, args.nodes, gpu_gib, aliases=_aliases(args.model_config))
     except RecipeError as e:

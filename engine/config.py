@@ -161,6 +161,9 @@ class DeepSpeedSection(Section):
         "model's shapes finds faster (recorded in run.json and the summary).")
     frozen_zero_stage: Optional[Literal[0, 3]] = Field(
         None, description="Reference/reward models: 3 = partitioned, 0 = replicated; default follows zero_stage.")
+    frozen_offload_params: bool = Field(
+        False, description="Reference/reward models only: keep their partitioned parameters in CPU memory (needs a "
+                           "frozen stage of 3); trained models stay on the device.")
     gradient_clipping: float = Field(1.0, ge=0.0, description="Clip the global grad norm (0 = off).")
     extra: dict[str, Any] = Field(default_factory=dict, description="Raw keys merged into the DeepSpeed config.")
 
@@ -168,6 +171,10 @@ class DeepSpeedSection(Section):
     def _offload_needs_zero(self):
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("deepspeed.offload_params needs zero_stage: 3")
+        frozen = self.frozen_zero_stage if self.frozen_zero_stage is not None else (3 if self.zero_stage == 3 else 0)
+        if self.frozen_offload_params and frozen != 3:
+            raise ValueError("deepspeed.frozen_offload_params needs partitioned frozen models: zero_stage: 3 or "
+                             "frozen_zero_stage: 3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs zero_stage 1, 2 or 3")
         return self

@@ -178,7 +178,7 @@ def ds_config(recipe: Recipe, sizes: BatchSizes, *, trainable: bool = True,
         # keep only tiny params (norms, biases) unpartitioned; whole layers are fetched on demand
         zero.update(stage3_param_persistence_threshold=10_000, stage3_prefetch_bucket_size=5e7,
                     stage3_max_live_parameters=1e9, stage3_gather_16bit_weights_on_model_save=True)
-        if ds.offload_params:
+        if ds.offload_params or (not trainable and ds.frozen_offload_params):
             zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     if trainable and ds.offload_optimizer and stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}

@@ -12,7 +12,7 @@ cache, or the hub when online), builds it on the meta device to count parameters
 - train: gradients, saved activations (fewer with gradient checkpointing), logits and their gradient,
   gathered layers and ZeRO buckets.
 Activation sizes are elements per token per layer, measured with saved-tensor hooks on Llama-style
-models here (``ACT_*`` below); docs/benchmarks-memory.md compares the totals with measured peaks.
+models here (``ACT_*`` below); docs/benchmarks.md ("Memory planner") compares the totals with measured peaks.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ GIB = 2 ** 30
 SHIPPED = Path(__file__).with_name("model_configs")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # saved activations per token and decoder layer, in elements (measured with saved_tensors_hooks on
-# Llama-style layers, sdpa attention): lean MLP/RMSNorm (backends/cpu/lean.py, cpu.lean_activations) vs HF's own
+# Llama-style layers, sdpa attention): lean MLP/RMSNorm (engine/backends/cpu/lean.py, CPU ranks only) vs HF's own
 ACT_H, ACT_I_LEAN, ACT_I_HF = 8.3, 2.0, 5.25
 ZERO_BUCKET = int(5e7)  # reduce / allgather / prefetch bucket elements set by distributed.ds_config
 OPTIONS = ("micro_batch_size", "gradient_checkpointing", "layers_per_group", "generation_batch_size", "zero_stage",
@@ -182,8 +182,9 @@ def _shares_reference(recipe: Recipe) -> bool:
 
 def plan_recipe(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1, gpu_memory_gib: Optional[float] = None,
                 host_memory_gib: Optional[float] = None, aliases: Optional[dict] = None, name: str = "",
-                suggest: bool = True) -> Plan:
-    """Per-rank peak bytes by phase and component for ``recipe`` on ``nodes`` x ``gpus_per_node`` ranks."""
+                suggest: bool = True, on_cpu: bool = False) -> Plan:
+    """Per-rank peak bytes by phase and component for ``recipe`` on ``nodes`` x ``gpus_per_node`` ranks
+    (``on_cpu``: CPU ranks, where the recipe's ``cpu`` section switches apply)."""
     world = gpus_per_node * nodes
     sizes = derive_batch_sizes(recipe, world)
     ds, t, gen = recipe.deepspeed, recipe.train, recipe.generation
@@ -222,13 +223,14 @@ def plan_recipe(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1, gpu_memo
         models[role] = {"source": shape.source, "params": n_total, "trainable": nt, "zero_stage": stage}
         shard = world if stage == 3 else 1
         weights = n_total * bw / shard
-        if stage == 3 and ds.offload_params:
+        if stage == 3 and (ds.offload_params or (not trainable and ds.frozen_offload_params)):
             host += weights * gpus_per_node
         else:
             add(everywhere, "weights", weights)
         if stage == 3:  # one layer being used and one prefetched, in the weight dtype
             add(tuple(p for p in ("score", "train") if p in phases), "gathered_params", min(n, 2 * shape.layer_params + ZERO_BUCKET) * bw, role)
-        act_el = ACT_H * shape.hidden + (ACT_I_LEAN if recipe.cpu.lean_activations else ACT_I_HF) * shape.intermediate
+        lean = on_cpu and recipe.cpu.lean_activations  # engine/backends/cpu: applied on CPU ranks only
+        act_el = ACT_H * shape.hidden + (ACT_I_LEAN if lean else ACT_I_HF) * shape.intermediate
         if cfg.attn_implementation == "eager":
             act_el += shape.heads * T
         layer_act = act_el * ba  # bytes per token per layer
@@ -255,6 +257,7 @@ def plan_recipe(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1, gpu_memo
         fused = recipe.stage == "rl" and recipe.ppo.fuse_scoring and (
             stage < 3 or sizes.gradient_accumulation_steps == 1) and (role == "actor" or sizes.num_mini_batches == 1)
         rows = (sizes.local_rollout_sequences // sizes.num_mini_batches) if fused else sizes.micro_batch_size
+        rows *= 2 if recipe.stage == "reward" else 1  # a preference row is a chosen and a rejected sequence
         ckpt = cfg.gradient_checkpointing
         kept = rows * T * (shape.hidden * ba if ckpt else layer_act) * shape.num_layers
         add(("train",), "activations", kept + sizes.micro_batch_size * T * layer_act * (2 if ckpt else 1), role)
@@ -288,6 +291,11 @@ def plan_recipe(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1, gpu_memo
         for p in chosen:
             for key, value in p.items():
                 phases[ph][key] = phases[ph].get(key, 0) + value
+        if len(chosen) > 1:  # each engine steps (and frees its .grad) before the next one's backward
+            grads = max(p.get("gradients", 0) for p in chosen)
+            if grads:
+                phases[ph]["gradients"] = phases[ph].get("gradients", 0) - sum(p.get("gradients", 0) for p in chosen) \
+                    + grads
     totals = {ph: sum(parts.values()) for ph, parts in phases.items() if parts}
     peak = max(totals, key=totals.get)
     plan = Plan(recipe=name or recipe.name, world_size=world, gpus_per_node=gpus_per_node, nodes=nodes,

@@ -22,6 +22,28 @@ def test_reward_model_is_partitioned_and_scores_like_an_unsharded_copy(tmp_path)
     assert sum(out["local"]) >= out["total"]  # the shards cover the model (padding only adds)
     assert len(set(out["sharded"])) > 1
     assert out["sharded"] == pytest.approx(out["unsharded"], rel=1e-5, abs=1e-6)
+    # deepspeed.frozen_offload_params: the same reward model with its partitions in CPU memory scores the same
+    assert out["offload_param"] and out["offload_device"] == "cpu"
+    assert out["offloaded"] == pytest.approx(out["unsharded"], rel=1e-5, abs=1e-6)
+
+
+def test_frozen_offload_params_applies_to_frozen_models_only():
+    from rlhf_engine.config import RecipeError, derive_batch_sizes, load_recipe
+    from rlhf_engine.distributed import ds_config
+    from rlhf_engine.plan import plan_recipe
+    from helpers import REPO
+
+    recipe = load_recipe(REPO / "recipes/tiny/ppo-zero3.yaml", ["deepspeed.frozen_offload_params=true"])
+    sizes = derive_batch_sizes(recipe, 2)
+    assert "offload_param" in ds_config(recipe, sizes, trainable=False)["zero_optimization"]
+    assert "offload_param" not in ds_config(recipe, sizes, trainable=True)["zero_optimization"]
+    plain = plan_recipe(load_recipe(REPO / "recipes/tiny/ppo-zero3.yaml"), 2)
+    offloaded = plan_recipe(recipe, 2)
+    reference = plain.models["reference"]["params"] * 4 / 2  # fp32, half per rank
+    assert plain.phases["generate"]["weights"] - offloaded.phases["generate"]["weights"] == pytest.approx(reference, abs=4)
+    assert offloaded.host_bytes_per_node == pytest.approx(reference * 2, abs=8)  # both ranks of the node
+    with pytest.raises(RecipeError, match="frozen_offload_params needs partitioned frozen models"):
+        load_recipe(REPO / "recipes/tiny/ppo-zero3.yaml", ["deepspeed.zero_stage=0", "deepspeed.frozen_offload_params=true"])
 
 
 def test_ppo_with_a_separate_zero3_reward_model_and_critic_from_it_trains(tmp_path):

@@ -102,3 +102,20 @@ def test_train_dry_run_every_gpu_recipe(path, capsys):
     for role in roles:
         assert re.search(rf"model {role}: \w+ on meta, [\d,]+ params", out), (role, out)
     assert "deepspeed (trained): stage" in out and "data: 230 rows" in out and "<- peak" in out
+
+
+def test_train_memory_check_stops_a_run_that_does_not_fit(capsys):
+    """What `train` does first on a GPU, here with the GPU's size given: exit code 2 and the plan's fixes."""
+    import argparse
+
+    from rlhf_engine.cli import _memory_check
+
+    recipe = load_recipe(REPO / "recipes/gpu/llama3-8b-ppo-zero3.yaml")
+    args = argparse.Namespace(no_memory_check=False, nproc=8, nodes=1,
+                              model_config=[f"./runs/llama3-8b-rm/export={L8B}"])
+    assert _memory_check(args, recipe, gpu_gib=80) == 0
+    assert _memory_check(args, recipe, gpu_gib=24) == 2
+    err = capsys.readouterr().err
+    assert "this GPU has 24.0 GiB" in err and "--no-memory-check" in err and "fits with --set" in err
+    args.no_memory_check = True
+    assert _memory_check(args, recipe, gpu_gib=24) == 0

@@ -42,6 +42,10 @@ def main():
     dist.all_gather(locals_, local)
     batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
     sharded = reward.score_tokens(batch["input_ids"], batch["attention_mask"])
+    offload = load_recipe(REPO / "recipes/tiny/ppo-zero3.yaml", OVERRIDES + ["deepspeed.frozen_offload_params=true"])
+    offloaded = build_reward(offload.reward, policy_tokenizer=tokenizer, device=info.device, frozen=(offload, sizes))
+    offload_cfg = unwrap(offloaded.model).parameters().__next__().ds_tensor.device.type
+    offloaded_scores = offloaded.score_tokens(batch["input_ids"], batch["attention_mask"])
     if info.is_main:
         plain = load_scalar_model(recipe.reward.model, init_head_seed=0).eval()
         with torch.no_grad():
@@ -49,7 +53,9 @@ def main():
         with open(args.out, "w") as fh:
             json.dump({"total": total, "local": [int(t) for t in locals_], "whole_left": int(whole_left),
                        "is_engine": type(reward.model).__name__, "sharded": sharded.tolist(),
-                       "unsharded": unsharded.tolist()}, fh)
+                       "unsharded": unsharded.tolist(), "offloaded": offloaded_scores.tolist(),
+                       "offload_param": offloaded.model.zero_offload_param() is not None,
+                       "offload_device": offload_cfg}, fh)
     dist.barrier()
     dist.destroy_process_group()
 
