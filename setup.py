@@ -46,6 +46,7 @@ setup(
     python_requires=">=3.10",
     package_dir=PACKAGE_DIR,
     packages=PACKAGES,
+    package_data={"rlhf_engine": ["model_configs/*.json"]},  # the planner's offline model configs
     install_requires=RUNTIME,
     extras_require={
         "gpu": ["flash-attn>=2.6"],  # CUDA only; never needed on CPU
