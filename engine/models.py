@@ -164,6 +164,29 @@ def _model_config(cfg: ModelConfig, resolved: ResolvedModel) -> PretrainedConfig
                                       revision=cfg.revision if resolved.source == "hub" else None)
 
 
+def import_model_classes(cfgs, cache_dir: Optional[str] = None) -> None:
+    """Import each model's transformers modeling module now, before any ZeRO-3 construction context.
+
+    ``deepspeed.zero.Init`` wraps the ``__init__`` of every module class defined while it is active and,
+    on exit, puts back the ``__init__`` the class was created with. A decorator applied after class
+    creation (Hugging Face kernels' ``use_kernelized_func``, which transformers puts on attention layers)
+    then loses its ``__init__``, and the layer fails in its first forward. Imported first, the classes
+    stay whole. Models that cannot be resolved yet (a folder an earlier stage writes) are skipped.
+    """
+    from transformers.models.auto import modeling_auto as auto
+
+    mappings = (auto.MODEL_FOR_CAUSAL_LM_MAPPING, auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+                auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING)
+    for cfg in cfgs:
+        try:
+            config = _model_config(cfg, resolve_model_path(cfg, cache_dir))
+        except Exception:  # the loader reports it properly when it builds the model
+            continue
+        for mapping in mappings:
+            if type(config) in mapping:
+                mapping[type(config)]  # the lookup imports the modeling module
+
+
 def _lora(cfg: ModelConfig, task_type: str, model: PreTrainedModel, modules_to_save: Optional[list] = None):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 

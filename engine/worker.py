@@ -37,6 +37,10 @@ def run(recipe: Recipe, resume: str | None = None, *, process_start: bool = Fals
 
     check_output_dir(recipe)
     check_inputs(recipe)
+    from rlhf_engine.models import import_model_classes
+
+    import_model_classes([recipe.model, *([recipe.reference] if recipe.reference else []),
+                          *(r.model for r in recipe.reward_configs() if r.model is not None)], recipe.cache_dir)
     with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
         dist = init_distributed(recipe.num_threads)  # DeepSpeed prints a line when it loads its CPU comm op
     run_info["precision"] = resolve_precision(recipe, dist.is_main)
