@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from rlhf_engine.config import LoraConfig, ModelConfig
 from rlhf_engine.models import (ScalarModel, dtype_of, last_token_index, list_presets, load_policy, load_scalar_model,
                            load_tokenizer, resolve_model_path)
 from rlhf_engine.presets import COMPLETE_MARKER, PRESETS, cache_root, cached_folder
-from helpers import run_deepspeed
+from helpers import TEST_ENV, json_lines, run_deepspeed
 
 SMOL = ModelConfig(name_or_path="smollm2-135m-instruct")
 TINY = ModelConfig(name_or_path="tiny-llama")
@@ -337,3 +339,40 @@ def test_zero3_two_ranks(tmp_path):
     for r in lora:
         assert r["trainable"] and all("lora_" in n for n in r["trainable"]) and r["gradient_checkpointing"]
         assert r["lora_b_before"] == 0.0 < r["lora_b_after"]  # adapters start as a no-op, then train
+
+
+ZERO3_FIRST_IMPORT = """
+import json, sys
+import torch
+from rlhf_engine.config import ModelConfig
+from rlhf_engine.distributed import init_distributed, zero_init_context
+from rlhf_engine.models import import_model_classes
+
+folder = sys.argv[1]
+init_distributed(1)
+assert "transformers.models.qwen2.modeling_qwen2" not in sys.modules  # first imported below
+import_model_classes([ModelConfig(name_or_path=folder)])
+from transformers import AutoModelForCausalLM
+with zero_init_context({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}):
+    model = AutoModelForCausalLM.from_pretrained(folder)
+whole = AutoModelForCausalLM.from_pretrained(folder)  # built after the context (a frozen stage-0 model)
+logits = whole(torch.tensor([[1, 2, 3]])).logits
+print("RESULT " + json.dumps({"finite": bool(torch.isfinite(logits).all())}))
+"""
+
+
+def test_a_model_class_first_imported_for_zero3_keeps_its_kernel_wrappers(tmp_path):
+    """deepspeed.zero.Init puts back the __init__ a class was created with; transformers' attention layers
+    carry Hugging Face kernels' decorator, whose __init__ was lost for models built after the context when
+    the modeling module was first imported inside it. import_model_classes (run start) imports it before."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", ZERO3_FIRST_IMPORT, str(tmp_path / "qwen")], cwd=tmp_path,
+                          env={**env, **TEST_ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json_lines(proc.stdout, "RESULT ")[0] == {"finite": True}
