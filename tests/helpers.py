@@ -77,3 +77,12 @@ def cpu_switches(**switches):
             cpu.configure(before)
 
     return scope()
+
+
+def send_json(handler, payload: dict, code: int = 200) -> None:
+    """Answer an http.server request with a JSON body (the test reward servers speak OpenRLHF's protocol)."""
+    body = json.dumps(payload).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)

@@ -14,7 +14,7 @@ import pytest
 from rlhf_engine.config import RemoteRewardSection, RewardConfig
 from rlhf_engine.remote_reward import RemoteReward, RemoteRewardError, make_server
 from rlhf_engine.reward_set import build_reward_set
-from helpers import REPO, TEST_ENV, free_port
+from helpers import REPO, TEST_ENV, free_port, send_json
 
 FAST = RemoteRewardSection(batch_size=2, max_concurrency=3, timeout_s=1.0, retries=2, backoff_s=0.01)
 
@@ -54,12 +54,8 @@ class Scripted(BaseHTTPRequestHandler):
             self.wfile.write(b"server says no")
             return
         n = len(data["query"]) - (1 if action == "short" else 0)
-        body = json.dumps({"rewards": [float(len(q)) for q in data["query"][:n]],
-                           "extra_logs": {"n_chars": [float(len(q)) for q in data["query"][:n]]}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, {"rewards": [float(len(q)) for q in data["query"][:n]],
+                         "extra_logs": {"n_chars": [float(len(q)) for q in data["query"][:n]]}})
 
     def log_message(self, *args):
         pass

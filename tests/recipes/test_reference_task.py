@@ -7,7 +7,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from rlhf_engine.tracking import read_jsonl
-from helpers import REPO, run_deepspeed
+from helpers import REPO, run_deepspeed, send_json
 
 RECIPE = "recipes/tiny/ppo-data2text.yaml"
 
@@ -21,11 +21,7 @@ class Judge(BaseHTTPRequestHandler):
         data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         Judge.labels.extend(data["labels"])
         rewards = [float(lab.split()[0] in q) for q, lab in zip(data["query"], data["labels"])]
-        body = json.dumps({"rewards": rewards, "extra_logs": {"hits": rewards}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, {"rewards": rewards, "extra_logs": {"hits": rewards}})
 
     def log_message(self, *args):
         pass
