@@ -30,22 +30,36 @@ def _add_model_config_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
+    """Check each recipe; every error is printed (naming its file) before exiting 2, so one call checks a tree."""
+    failed = 0
+    for path in args.recipes:
+        try:
+            _validate_one(path, args)
+        except RecipeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    if failed and len(args.recipes) > 1:
+        print(f"error: {failed} of {len(args.recipes)} recipes failed validation", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def _validate_one(path: str, args) -> None:
+    from rlhf_engine.inputs import check_inputs
     from rlhf_engine.pipeline import is_pipeline, load_pipeline
 
-    if is_pipeline(args.recipe):
-        spec, stages = load_pipeline(args.recipe, args.overrides)
-        for path, _, recipe in stages:
-            print(f"# stage {recipe.stage}: {path}\n{recipe_to_yaml(recipe)}", end="")
-        return 0
-    from rlhf_engine.inputs import check_inputs
-
-    recipe = load_recipe(args.recipe, args.overrides)
+    if len(args.recipes) > 1:
+        print(f"# ---- {path}")
+    if is_pipeline(path):
+        spec, stages = load_pipeline(path, args.overrides)
+        for stage_path, _, recipe in stages:
+            print(f"# stage {recipe.stage}: {stage_path}\n{recipe_to_yaml(recipe)}", end="")
+        return
+    recipe = load_recipe(path, args.overrides)
     check_inputs(recipe, outputs_later=True)  # data files, models and the reward function exist
     if args.world_size:
         sizes = derive_batch_sizes(recipe, args.world_size)
         print(f"# derived batch sizes for {args.world_size} rank(s): {sizes.model_dump()}")
     print(recipe_to_yaml(recipe), end="")
-    return 0
 
 
 def cmd_presets(args) -> int:
@@ -230,8 +244,10 @@ def main(argv=None) -> int:
     _add_model_config_arg(p)
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("validate", help="check a recipe and print it resolved (exit code 2 on errors)")
-    _add_recipe_args(p)
+    p = sub.add_parser("validate", help="check recipes and print them resolved (exit code 2 on errors)")
+    p.add_argument("recipes", nargs="+", metavar="recipe", help="YAML recipe(s) (see recipes/); each is checked")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key in every recipe, e.g. --set train.steps=10 (repeatable)")
     p.add_argument("--world-size", type=int, default=0, help="also check batch sizes divide for this many ranks")
     p.set_defaults(fn=cmd_validate)
 

@@ -49,9 +49,16 @@ def test_recipe_validates_with_header(path):
         assert "memory" in joined, f"{path}: GPU recipes state their expected memory per GPU"
 
 
-def test_cli_validate_accepts_every_recipe():
-    for path in RECIPES:
-        out = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "validate", str(path)], cwd=REPO,
-                             capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        assert "stage:" in out.stdout
+def test_cli_validate_accepts_every_recipe(tmp_path):
+    """One `validate` call checks the whole tree; a bad recipe among good ones is named and fails the call."""
+    out = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "validate", *map(str, RECIPES)], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("# ---- ") == len(RECIPES)
+    assert out.stdout.count("stage:") >= len(RECIPES)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "recipes/tiny/rm.yaml").read_text().replace("stage: reward", "stage: reward\ntrain_steps: 3"))
+    out = subprocess.run([sys.executable, "-m", "rlhf_engine.cli", "validate", str(RECIPES[0]), str(bad)],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert str(bad) in out.stderr and "train_steps" in out.stderr and "1 of 2 recipes" in out.stderr, out.stderr
