@@ -309,6 +309,20 @@ def _tiny_t5_words(root: Path) -> Path:
     return cached_folder(root, "tiny-t5-words", build, "tiny random T5 (word-level tokenizer)")
 
 
+def _tiny_llama_words(root: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build(out: Path):
+        tokenizer = word_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        _save_seeded(LlamaForCausalLM, config, tokenizer, out)
+
+    return cached_folder(root, "tiny-llama-words", build, "tiny random Llama (word-level tokenizer)")
+
+
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Preset:
@@ -328,6 +342,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            lambda root: _tiny_seq2seq(root, "t5")),
     Preset("tiny-t5-words", "random 2+2-layer T5 with a 203-word tokenizer (numbers 0-99 + frequent words); "
            "seq2seq RL demos on CPU", _tiny_t5_words),
+    Preset("tiny-llama-words", "random 2-layer Llama (hidden 64) with the same 203-word tokenizer; decoder-only "
+           "RL demos and algorithm comparisons on CPU", _tiny_llama_words),
     Preset("tiny-bart", "random 2+2-layer BART encoder-decoder (hidden 64) with the SmolLM2 tokenizer; seq2seq tests",
            lambda root: _tiny_seq2seq(root, "bart")),
 )}

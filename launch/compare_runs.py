@@ -79,6 +79,7 @@ def run_one(recipe: str, variant: str, overrides: list[str], seed: int, workdir:
             "eval_before": evals[0]["score/mean"] if evals else None,
             "eval_after": evals[-1]["score/mean"] if evals else None,
             "train_score_curve": curve,
+            "eval_steps": [r["step"] for r in evals], "eval_curve": [round(r["score/mean"], 4) for r in evals],
             "train_score_first_quarter": round(statistics.mean(curve[:q]), 4),
             "train_score_last_quarter": round(statistics.mean(curve[-q:]), 4),
             "kl_last": metrics[-1].get("kl/mean"),
@@ -118,6 +119,8 @@ def main() -> int:
     ap.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE",
                     help="override applied to every variant (e.g. train.steps=10)")
     ap.add_argument("--workdir", type=Path, default=REPO / "runs" / "compare")
+    ap.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                    help="also draw the eval and training reward curves (mean over seeds, min-max band) here")
     args = ap.parse_args()
     names = [v[0] for v in args.variant]
     if len(set(names)) != len(names):
@@ -162,7 +165,45 @@ def main() -> int:
         print(f"{name:16s} {fmt(s['eval_before'], 11)} {fmt(s['eval_after'], 10)} {rng:>17s} "
               f"{fmt(s['train_score_first_quarter'], 11)} {fmt(s['train_score_last_quarter'], 12)} "
               f"{fmt(s['kl_last'], 6)} {fmt(s['step_s_median'], 7)}")
+    if args.plot:
+        plot(runs, args.plot, title=Path(args.recipe).name)
+        print(f"plot: {args.plot}")
     return 0 if all("error" not in r for r in runs) else 1
+
+
+def plot(runs: list[dict], out: Path, title: str) -> None:
+    """Two panels, one line per variant: eval reward at each evaluation and training reward per step, the mean
+    over seeds with the seeds' min-max as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        ok = [r for r in runs if r["variant"] == variant and "error" not in r]
+        if not ok:
+            continue
+        for ax, xs_key, ys_key in ((axes[0], "eval_steps", "eval_curve"), (axes[1], "steps", "train_score_curve")):
+            n = min(len(r[ys_key]) for r in ok)
+            if n == 0:
+                continue
+            xs = ok[0][xs_key][:n]
+            cols = [[r[ys_key][i] for r in ok] for i in range(n)]
+            line, = ax.plot(xs, [statistics.mean(c) for c in cols], label=f"{variant} ({len(ok)} seeds)")
+            if len(ok) > 1:
+                ax.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], alpha=0.2,
+                                color=line.get_color())
+    axes[0].set(title="eval reward (held-out prompts)", xlabel="step", ylabel="mean score")
+    axes[1].set(title="training reward (rollouts)", xlabel="step", ylabel="mean score")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

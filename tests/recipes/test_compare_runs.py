@@ -27,7 +27,7 @@ def test_same_seed_same_curve_and_a_changed_setting_shows(tmp_path):
     another learning rate trains differently; the summary has every variant's curve."""
     cmd = [sys.executable, "launch/compare_runs.py", "recipes/tiny/ppo-zero3.yaml", "--seeds", "3",
            "--variant", "a:", "--variant", "b:", "--variant", "slow:optim.lr=1e-6",
-           "--workdir", str(tmp_path), *[f"--set={s}" for s in TINY]]
+           "--workdir", str(tmp_path), "--plot", str(tmp_path / "curves.png"), *[f"--set={s}" for s in TINY]]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("COMPARE_JSON "))
@@ -40,6 +40,7 @@ def test_same_seed_same_curve_and_a_changed_setting_shows(tmp_path):
     # lr 1e-3 vs 1e-6: after one update the policies differ, so does the KL of step 2's samples (continuous)
     assert slow["kl_last"] != a["kl_last"]
     assert "eval after" in out.stdout  # the table
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_failing_variant_is_reported_not_hidden(tmp_path):
