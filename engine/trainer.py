@@ -109,10 +109,11 @@ def build_models(recipe: Recipe, sizes, dist: DistInfo, total_updates: int) -> M
 def critic_model_config(recipe: Recipe):
     """The critic backbone's ModelConfig from `critic.init_from`; LoRA only from `critic.lora`
     (the actor's `model.lora` does not carry over), gradient checkpointing from the critic's own
-    setting if given."""
-    src, update = recipe.critic.init_from, {"lora": recipe.critic.lora}
-    if recipe.critic.gradient_checkpointing is not None:
-        update["gradient_checkpointing"] = recipe.critic.gradient_checkpointing
+    setting, else the actor's, whatever model the backbone comes from."""
+    checkpointing = recipe.critic.gradient_checkpointing
+    src, update = recipe.critic.init_from, {
+        "lora": recipe.critic.lora,
+        "gradient_checkpointing": recipe.model.gradient_checkpointing if checkpointing is None else checkpointing}
     if src == "actor":
         return recipe.model.model_copy(update=update)
     if src == "reward":

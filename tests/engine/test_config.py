@@ -102,3 +102,17 @@ def test_critic_lora_comes_from_critic_lora_only():
     both = load_recipe(REPO / "recipes/tiny/ppo-zero3.yaml", ["critic.lora.r=8", "critic.gradient_checkpointing=true"])
     cfg = critic_model_config(both)
     assert cfg.lora.r == 8 and cfg.gradient_checkpointing and cfg.name_or_path == both.model.name_or_path
+
+
+def test_critic_gradient_checkpointing_defaults_to_the_actors_whatever_the_backbone():
+    """critic.gradient_checkpointing unset: the actor's setting, also when the backbone is the reward model's."""
+    from rlhf_engine.trainer import critic_model_config
+    sets = ["reward.type=model", "reward.kwargs={}", "reward.model.name_or_path=tiny-llama",
+            "reward.model.gradient_checkpointing=false", "critic.init_from=reward"]
+    on = load_recipe(REPO / "recipes/tiny/ppo-zero3.yaml", [*sets, "model.gradient_checkpointing=true"])
+    assert critic_model_config(on).gradient_checkpointing is True
+    off = load_recipe(REPO / "recipes/tiny/ppo-zero3.yaml", [*sets, "model.gradient_checkpointing=false",
+                                                             "reward.model.gradient_checkpointing=true"])
+    assert critic_model_config(off).gradient_checkpointing is False
+    own = load_recipe(REPO / "recipes/tiny/ppo-zero3.yaml", [*sets, "critic.gradient_checkpointing=true"])
+    assert critic_model_config(own).gradient_checkpointing is True
