@@ -141,6 +141,9 @@ def run_config(args, name: str, recipe: dict, nproc: int = 1, overrides: tuple =
             "peak_rss_note": "largest single process (per rank when nproc > 1)",
             "allocator": allocator.group(1) if allocator else "unknown",
             "wall_s": round(wall, 1), "score_first": rows[0]["score/mean"], "score_last": rows[-1]["score/mean"],
+            # train-inference mismatch of the generation's log-probs (NeMo-RL's check: exp_abs_mean <= 1.05)
+            "mismatch": {k.split("/", 1)[1]: round(statistics.mean(r[k] for r in timed), 5)
+                         for k in rows[-1] if k.startswith("mismatch/")},
             "precision": precision}
 
 
@@ -245,13 +248,16 @@ def run_trl(args, tcmalloc: bool = False) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     """The short human-readable table after the JSON ("-" where a row has no such ratio)."""
-    print(f"\n{'config':40s} {'s/step':>8s} {'vs TRL':>7s} {'/floor':>7s} {'RSS MiB':>8s} {'RSS/TRL':>7s}  phases (s)")
+    print(f"\n{'config':40s} {'s/step':>8s} {'vs TRL':>7s} {'/floor':>7s} {'RSS MiB':>8s} {'RSS/TRL':>7s} "
+          f"{'mismatch':>8s}  phases (s)")
     for r in rows:
         ph = " ".join(f"{k}={v:.2f}" for k, v in r["phases_median_s"].items() if not k.startswith("hybrid"))
         vs_trl, floor, rss_ratio = (f"{r[k]:7.2f}" if k in r else f"{'-':>7s}"
                                     for k in ("speedup_vs_trl", "over_floor", "rss_vs_trl"))
+        mismatch = (r.get("mismatch") or {}).get("exp_abs_mean")  # mean exp|logp_train - logp_inference|
+        mm = f"{mismatch:8.4f}" if mismatch is not None else f"{'-':>8s}"
         print(f"{r['config']:40s} {r['step_s_median']:8.2f} {vs_trl} {floor} {r['peak_rss_mib'] or 0:8.0f} "
-              f"{rss_ratio}  {ph[:90]}")
+              f"{rss_ratio} {mm}  {ph[:90]}")
 
 
 def main() -> int:

@@ -68,10 +68,11 @@ def test_matmul_rates_measure_each_kernel():
 
 def test_table_shows_ratios_and_a_dash_where_a_row_has_none(capsys):
     ours = {"config": "trl_equal", "step_s_median": 8.0, "peak_rss_mib": 4300.0, "speedup_vs_trl": 2.0,
-            "over_floor": 1.1, "rss_vs_trl": 0.6, "phases_median_s": {"generate": 1.5, "hybrid/gather_s": 0.1}}
+            "over_floor": 1.1, "rss_vs_trl": 0.6, "phases_median_s": {"generate": 1.5, "hybrid/gather_s": 0.1},
+            "mismatch": {"exp_abs_mean": 1.0213, "abs_max": 0.4}}
     trl = {"config": "trl", "step_s_median": 16.0, "peak_rss_mib": 7166.0, "phases_median_s": {"generation": 4.0}}
     load_launch_script("bench_ppo").print_table([ours, trl])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[:7] == ["config", "s/step", "vs", "TRL", "/floor", "RSS", "MiB"]
-    assert lines[1].split() == ["trl_equal", "8.00", "2.00", "1.10", "4300", "0.60", "generate=1.50"]
-    assert lines[2].split() == ["trl", "16.00", "-", "-", "7166", "-", "generation=4.00"]
+    assert lines[1].split() == ["trl_equal", "8.00", "2.00", "1.10", "4300", "0.60", "1.0213", "generate=1.50"]
+    assert lines[2].split() == ["trl", "16.00", "-", "-", "7166", "-", "-", "generation=4.00"]
