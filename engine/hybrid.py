@@ -61,16 +61,12 @@ import torch
 from torch import nn
 
 from rlhf_engine.backends import cpu as cpu_backend
-from rlhf_engine.distributed import autocast_dtype
+from rlhf_engine.distributed import autocast_dtype, is_zero3
 
 try:  # deepspeed is a hard dependency of the project; the import guard only keeps errors clear
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 except ImportError:  # pragma: no cover
     ZeroParamStatus = None
-
-
-def _is_zero3_param(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id") and hasattr(p, "ds_status")
 
 
 class _CastWeights:
@@ -339,7 +335,7 @@ class HybridEngine:
                                          getattr(engine, "module_forward_post_hook", None)) if h is not None]
         self.model = _hf_model(self.module)
         self.offload = _zero_offload(engine)
-        if self.offload is None and any(_is_zero3_param(p) for p in self.module.parameters()):
+        if self.offload is None and is_zero3(self.module):
             raise TypeError("the actor has ZeRO-3 partitioned parameters but no DeepSpeed engine was given: "
                             "pass the DeepSpeedEngine returned by deepspeed.initialize to HybridEngine")
         self.layers_per_group = layers_per_group
