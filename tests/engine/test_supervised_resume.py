@@ -5,7 +5,6 @@ loads and that scores as in training."""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -16,7 +15,7 @@ from rlhf_engine.checkpoint import export_run
 from rlhf_engine.config import load_recipe
 from rlhf_engine.data import collate_pairs, load_preferences
 from rlhf_engine.tracking import read_jsonl
-from helpers import REPO, TEST_ENV, free_port, run_deepspeed
+from helpers import REPO, TEST_ENV, deepspeed_cmd, run_deepspeed
 
 CASES = {"sft": ("recipes/tiny/sft-zero3.yaml", ("loss/train", "grad_norm")),
          "reward": ("recipes/tiny/rm.yaml", ("loss/train", "accuracy/train", "margin/train", "grad_norm"))}
@@ -29,8 +28,7 @@ def launch_args(recipe, tmp_path, name):
 
 def kill_after_checkpoint(args, marker):
     """Start the 2-rank run and kill -9 every process once `marker` exists."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "launch/train.py", *args]
+    cmd = deepspeed_cmd("launch/train.py", *args)
     env = {**os.environ, **TEST_ENV, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
