@@ -92,8 +92,9 @@ def load_config(source: str):
 
 
 def meta_model(config, scalar: bool = False) -> torch.nn.Module:
-    """The model of ``config`` on the meta device (no memory): causal LM, or num_labels=1 classifier."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The model of ``config`` on the meta device (no memory): causal LM (seq2seq LM for encoder-decoder
+    configs), or num_labels=1 classifier."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     from rlhf_engine.models import is_encoder
 
@@ -102,6 +103,8 @@ def meta_model(config, scalar: bool = False) -> torch.nn.Module:
         if scalar or is_encoder(config):
             config.num_labels = 1
             return AutoModelForSequenceClassification.from_config(config)
+        if getattr(config, "is_encoder_decoder", False):
+            return AutoModelForSeq2SeqLM.from_config(config)
         return AutoModelForCausalLM.from_config(config)
 
 
@@ -109,17 +112,24 @@ def meta_model(config, scalar: bool = False) -> torch.nn.Module:
 def model_shape(source: str, scalar: bool = False) -> Shape:
     config = load_config(source)
     model = meta_model(config, scalar)
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    layers = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    lists = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)}
+    layers = max(lists.values(), key=lambda m: sum(p.numel() for p in m.parameters()))
     layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    num_layers = len(layers)
+    if getattr(config, "is_encoder_decoder", False):
+        # both stacks, each counted as if it saw the whole sequence (the encoder sees only the prompt and
+        # the decoder only the response): activations are an upper bound for encoder-decoder models
+        stacks = [m for n, m in lists.items() if not any(n.startswith(o + ".") for o in lists if o != n)]
+        num_layers = sum(len(m) for m in stacks)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv = getattr(text, "num_key_value_heads", None) or heads
     linears = tuple((m.in_features, m.out_features) for m in layers.modules() if isinstance(m, torch.nn.Linear))
     return Shape(source=source, params=sum(p.numel() for p in model.parameters()), layer_params=layer_params,
-                 num_layers=len(layers), hidden=text.hidden_size,
-                 intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), kv_dim=kv * head_dim,
+                 num_layers=num_layers, hidden=text.hidden_size,
+                 intermediate=next((getattr(text, k) for k in ("intermediate_size", "d_ff", "decoder_ffn_dim")
+                                    if getattr(text, k, None)), 4 * text.hidden_size), kv_dim=kv * head_dim,
                  vocab=text.vocab_size, heads=heads, linears=linears)
 
 

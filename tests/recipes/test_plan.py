@@ -119,3 +119,25 @@ def test_train_memory_check_stops_a_run_that_does_not_fit(capsys):
     assert "this GPU has 24.0 GiB" in err and "--no-memory-check" in err and "fits with --set" in err
     args.no_memory_check = True
     assert _memory_check(args, recipe, gpu_gib=24) == 0
+
+
+def test_encoder_decoder_models_are_planned(tmp_path):
+    """A T5 (flan-t5-base's shape) plans as a seq2seq LM: its real parameter count, both stacks' layers;
+    the shipped seq2seq recipe plans instead of failing."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    import torch
+
+    config = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12,
+                      num_heads=12, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    config.save_pretrained(tmp_path / "t5")
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in T5ForConditionalGeneration(config).parameters())
+    recipe = load_recipe(REPO / "recipes/smoke/ppo-t5-numbers.yaml",
+                         ["deepspeed.zero_stage=3", "deepspeed.precision=bf16"])
+    plan = plan_recipe(recipe, 1, 1, 80, aliases={"tiny-t5-words": str(tmp_path / "t5")})
+    assert plan.models["actor"]["params"] == expected  # ~248M
+    from rlhf_engine.plan import model_shape
+    shape = model_shape(str(tmp_path / "t5"))
+    assert shape.num_layers == 24 and shape.intermediate == 2048 and shape.hidden == 768
+    assert plan.fits and plan.phases["train"]["activations"] > 0
+    assert main(["plan", str(REPO / "recipes/smoke/ppo-t5-numbers.yaml")]) == 0
