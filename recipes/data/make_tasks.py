@@ -3,7 +3,8 @@
 - data2text-train.jsonl / data2text-test.jsonl: restaurant facts -> one sentence (an E2E-style data-to-text
   task): `prompt`, `references` (3 phrasings written from the facts), `meta` (the facts).
 - increasing_numbers.jsonl: prompts asking for numbers; RL4LMs' reward counts the leading increasing run.
-- dates.jsonl: prompts asking for a sentence; RL4LMs' reward is 1 when it holds a YYYY-MM-DD date.
+- dates.jsonl: prompts asking for a sentence (a third show an example date); RL4LMs' reward is 1 when
+  it holds a YYYY-MM-DD date.
 
 Deterministic (fixed seed, no network); the texts are written here and released as CC0 (public domain).
 Run from anywhere: `python recipes/data/make_tasks.py`.
@@ -62,11 +63,19 @@ def increasing_numbers(rng: random.Random) -> list[dict]:
 
 
 def dates(rng: random.Random) -> list[dict]:
+    """A third of the prompts show a date in the rewarded form (a 135M model then writes one about half the
+    time), a third ask for a date in other words, a third do not ask: RL has a signal to start from and
+    the evaluation shows whether the habit spreads to the prompts that give no example."""
     topics = ["a birthday", "a holiday", "a meeting", "a concert", "a trip", "a deadline", "a wedding", "a launch",
               "a game", "a festival", "an exam", "a move", "a visit", "a dinner", "a release", "a race"]
-    forms = ["Write a sentence about {t}.", "When is {t}? Answer in one sentence.", "Mention the day of {t}.",
-             "Write a short note about {t}.", "Tell me about {t} in one line."]
-    rows = [{"prompt": f.format(t=t)} for t in topics for f in forms]
+    shown = ["Write a sentence about {t} with its date (like {d}).", "When is {t}? Give the date like {d}."]
+    asked = ["Tell me about {t} in one line, with its date.", "Mention the day of {t}."]
+    plain = ["Write a sentence about {t}.", "When is {t}? Answer in one sentence."]
+    rows = []
+    for t in topics:
+        for f in shown + asked + plain:
+            d = f"{rng.randint(1990, 2030)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+            rows.append({"prompt": f.format(t=t, d=d)})
     rng.shuffle(rows)
     return rows
 
