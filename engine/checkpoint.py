@@ -387,10 +387,14 @@ def export_run(run_dir: Path, out_dir: Path, *, step: Optional[int] = None, whic
         averaged = load_consolidated(ckpt, info["prefix"], getattr(torch, info["dtype"]))
         twins = {state[k].data_ptr(): v for k, v in averaged.items() if k in state}  # tied: lm_head = embed_tokens
         state = {k: averaged.get(k, twins.get(v.data_ptr(), v)) for k, v in state.items()}
-    model = _rebuild(hf_dir, info, state, name)
     adapter_only = info["peft"] and not merge_lora
-    if info["peft"] and merge_lora:
-        model = model.merge_and_unload()
+    if info["peft"] and merge_lora:  # the same merge as the final folder of a training run
+        from peft import PeftConfig
+
+        from rlhf_engine.models import merge_lora_state_dict
+        state = merge_lora_state_dict(state, PeftConfig.from_pretrained(hf_dir))
+        info = {**info, "peft": False}
+    model = _rebuild(hf_dir, info, state, name)
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)

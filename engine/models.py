@@ -9,6 +9,7 @@ parameters at construction and initialises missing ones, like a fresh value head
 from __future__ import annotations
 
 import difflib
+import math
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -424,3 +425,30 @@ def _to_right_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     index = (cols[None, :] + leading_pads[:, None]) % attention_mask.shape[1]
     return input_ids.gather(1, index), attention_mask.gather(1, index)
+
+
+def merge_lora_state_dict(state: dict[str, torch.Tensor], lora_config) -> dict[str, torch.Tensor]:
+    """A peft model's full state dict -> the plain model's, adapters merged: W' = W + scale * B @ A.
+
+    Keys "base_model.model.X.base_layer.weight" + "X.lora_A.default.weight" [r, in] + "X.lora_B.default.weight"
+    [out, r] become "X.weight" [out, in]; "modules_to_save.default" copies (a trained head) replace the
+    originals. scale = alpha / r (alpha / sqrt(r) with rslora). Merged in float32, stored in W's dtype.
+    """
+    prefix = "base_model.model."
+    scale = lora_config.lora_alpha / (math.sqrt(lora_config.r) if lora_config.use_rslora else lora_config.r)
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        name = name.removeprefix(prefix)
+        if ".lora_" in name or ".original_module." in name:
+            continue
+        if ".base_layer." in name:
+            module = name.split(".base_layer.")[0]
+            name = name.replace(".base_layer.", ".")
+            a = state.get(f"{prefix}{module}.lora_A.default.weight")
+            if a is not None and name.endswith(".weight"):
+                b = state[f"{prefix}{module}.lora_B.default.weight"]
+                delta = b.float() @ a.float() * scale
+                tensor = (tensor.float() + (delta.T if lora_config.fan_in_fan_out else delta)).to(tensor.dtype)
+        name = name.replace(".modules_to_save.default.", ".")
+        out[name] = tensor
+    return out

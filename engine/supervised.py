@@ -36,7 +36,7 @@ from rlhf_engine.checkpoint import CheckpointManager, prepare_run_dir
 from rlhf_engine.config import Recipe, RecipeError, derive_batch_sizes
 from rlhf_engine.distributed import (DistInfo, all_reduce_sum, barrier, create_train_engine, ds_config,
                                      gather_full_state_dict, init_distributed, unwrap, zero_init_context)
-from rlhf_engine.models import load_tokenizer
+from rlhf_engine.models import load_tokenizer, merge_lora_state_dict
 from rlhf_engine.tracking import Tracker, plot_metrics, run_dir_for
 
 
@@ -215,33 +215,6 @@ def train_supervised(recipe: Recipe, dist: Optional[DistInfo], task: SupervisedT
 
 # --------------------------------------------------------------------------------------------
 # final Hugging Face folder
-def merge_lora_state_dict(state: dict[str, torch.Tensor], lora_config) -> dict[str, torch.Tensor]:
-    """A peft model's full state dict -> the plain model's, adapters merged: W' = W + scale * B @ A.
-
-    Keys "base_model.model.X.base_layer.weight" + "X.lora_A.default.weight" [r, in] + "X.lora_B.default.weight"
-    [out, r] become "X.weight" [out, in]; "modules_to_save.default" copies (a trained head) replace the
-    originals. scale = alpha / r (alpha / sqrt(r) with rslora). Merged in float32, stored in W's dtype.
-    """
-    prefix = "base_model.model."
-    scale = lora_config.lora_alpha / (math.sqrt(lora_config.r) if lora_config.use_rslora else lora_config.r)
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        name = name.removeprefix(prefix)
-        if ".lora_" in name or ".original_module." in name:
-            continue
-        if ".base_layer." in name:
-            module = name.split(".base_layer.")[0]
-            name = name.replace(".base_layer.", ".")
-            a = state.get(f"{prefix}{module}.lora_A.default.weight")
-            if a is not None and name.endswith(".weight"):
-                b = state[f"{prefix}{module}.lora_B.default.weight"]
-                delta = b.float() @ a.float() * scale
-                tensor = (tensor.float() + (delta.T if lora_config.fan_in_fan_out else delta)).to(tensor.dtype)
-        name = name.replace(".modules_to_save.default.", ".")
-        out[name] = tensor
-    return out
-
-
 def _is_peft(model: nn.Module) -> bool:
     try:
         from peft import PeftModel
