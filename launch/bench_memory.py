@@ -2,6 +2,7 @@
 
     python launch/bench_memory.py                 # every run below, CPU here (or GPU when there is one)
     python launch/bench_memory.py --runs smollm2-stage0 smollm2-zero3-2ranks --steps 1
+    python launch/bench_memory.py --runs llama190m-grpo-zero3-2ranks --set hybrid.enabled=false   # an A/B
 
 Each run is a real `rlhf-engine train` (1 rank) or deepspeed-launcher job (2 ranks) of a small PPO
 recipe; its rank 0 logs `memory/peak_rss_mib` (and on CUDA `memory/peak_device_mib`, from
@@ -119,6 +120,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override added to every run, for the prediction too (an A/B in one setting)")
     args = parser.parse_args(argv)
     import torch
 
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
     results = []
     for name in args.runs:
         nproc, overrides = RUNS[name]
-        overrides = [o.replace("{llama}", str(llama)) for o in overrides]
+        overrides = [o.replace("{llama}", str(llama)) for o in overrides] + args.extra
         pred = predict(nproc, overrides, on_cpu=not cuda)
         got = measure(name, nproc, overrides, out_dir, args.steps)
         measured = got["device_mib"] if cuda else got["rss_mib"] - base
