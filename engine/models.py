@@ -9,8 +9,8 @@ parameters at construction and initialises missing ones, like a fresh value head
 from __future__ import annotations
 
 import difflib
-import math
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -300,12 +300,12 @@ def plan_recipe(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1, gpu_memo
         chosen = [p for _, p in parts] if ph == "train" and fused_critic else [parts[sums.index(max(sums))][1]]
         for p in chosen:
             for key, value in p.items():
-                phases[ph][key] = phases[ph].get(key, 0) + value
-        if len(chosen) > 1:  # each engine steps (and frees its .grad) before the next one's backward
-            grads = max(p.get("gradients", 0) for p in chosen)
-            if grads:
-                phases[ph]["gradients"] = phases[ph].get("gradients", 0) - sum(p.get("gradients", 0) for p in chosen) \
-                    + grads
+                if key != "gradients":
+                    phases[ph][key] = phases[ph].get(key, 0) + value
+        # each engine steps (and frees its .grad) before the next one's backward: one gradient set at a time
+        grads = max(p.get("gradients", 0) for p in chosen)
+        if grads:
+            phases[ph]["gradients"] = phases[ph].get("gradients", 0) + grads
     totals = {ph: sum(parts.values()) for ph, parts in phases.items() if parts}
     peak = max(totals, key=totals.get)
     plan = Plan(recipe=name or recipe.name, world_size=world, gpus_per_node=gpus_per_node, nodes=nodes,

@@ -45,6 +45,7 @@ class SFTTask:
 
     stage = "sft"
     kind = "causal"
+    encoder_decoder = False  # set by build_model: prompt -> encoder, response -> decoder
 
     def __init__(self, recipe: Recipe, pad_token_id: Optional[int] = None):
         self.recipe = recipe
@@ -52,13 +53,11 @@ class SFTTask:
 
     def build_model(self, recipe: Recipe) -> nn.Module:
         model = load_policy(recipe.model, recipe.cache_dir)
-        self.encoder_decoder = seq2seq.is_seq2seq(model)  # encoder-decoder: prompt -> encoder, response -> decoder
+        self.encoder_decoder = seq2seq.is_seq2seq(model)
         if self.encoder_decoder and recipe.sft.pack:
             raise ValueError("sft.pack packs causal sequences; the encoder-decoder model "
                              f"'{recipe.model.name_or_path}' trains unpacked: remove sft.pack from the recipe")
         return model
-
-    encoder_decoder = False  # set by build_model
 
     def load_data(self, recipe: Recipe, tokenizer):
         self.pad_token_id = tokenizer.pad_token_id

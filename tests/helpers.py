@@ -5,9 +5,11 @@ import base64
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +57,21 @@ def run_deepspeed(script: str | Path, *args: str, nproc: int = 2, timeout: int =
     leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not leaked, f"the run left DeepSpeed shared-memory buffers behind (RAM leak): {leaked}"
     return proc
+
+
+def kill_when(cmd: list[str], marker: Path, timeout: int = 600) -> None:
+    """Start ``cmd`` (a launcher and its ranks) in its own process group and kill -9 the whole group once
+    ``marker`` exists (e.g. a checkpoint's COMPLETE file): a crash that loses only what was not saved."""
+    env = {**os.environ, **TEST_ENV, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, f"the run ended before {marker} was written"
+        assert time.time() < deadline, f"no {marker} within {timeout} s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def json_lines(text: str, prefix: str) -> list[dict]:

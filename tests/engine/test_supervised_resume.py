@@ -2,11 +2,6 @@
 after a checkpoint, `--resume auto`, and get the uninterrupted run's metrics step for step; the run
 exports (`rlhf-engine export`) as a causal LM / a sequence-classification model that transformers
 loads and that scores as in training."""
-import os
-import signal
-import subprocess
-import time
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -15,7 +10,7 @@ from rlhf_engine.checkpoint import export_run
 from rlhf_engine.config import load_recipe
 from rlhf_engine.data import collate_pairs, load_preferences
 from rlhf_engine.tracking import read_jsonl
-from helpers import REPO, TEST_ENV, deepspeed_cmd, run_deepspeed
+from helpers import REPO, deepspeed_cmd, kill_when, run_deepspeed
 
 CASES = {"sft": ("recipes/tiny/sft-zero3.yaml", ("loss/train", "grad_norm")),
          "reward": ("recipes/tiny/rm.yaml", ("loss/train", "accuracy/train", "margin/train", "grad_norm"))}
@@ -26,28 +21,14 @@ def launch_args(recipe, tmp_path, name):
     return [recipe, f"--set=output_dir={tmp_path}", f"--set=name={name}", *[f"--set={o}" for o in COMMON]]
 
 
-def kill_after_checkpoint(args, marker):
-    """Start the 2-rank run and kill -9 every process once `marker` exists."""
-    cmd = deepspeed_cmd("launch/train.py", *args)
-    env = {**os.environ, **TEST_ENV, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 600
-    while not marker.exists():
-        assert proc.poll() is None, "the run ended before the checkpoint was saved"
-        assert time.time() < deadline, "no checkpoint within 10 minutes"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 @pytest.mark.parametrize("stage", ["sft", "reward"])
 def test_kill9_resume_and_export(tmp_path, stage):
     recipe, compared = CASES[stage]
     run_deepspeed("launch/train.py", *launch_args(recipe, tmp_path, "full"))
     full = read_jsonl(tmp_path / "full" / "metrics.jsonl")
 
-    kill_after_checkpoint(launch_args(recipe, tmp_path, "killed"), tmp_path / "killed/checkpoints/step-2/COMPLETE")
+    kill_when(deepspeed_cmd("launch/train.py", *launch_args(recipe, tmp_path, "killed")),
+              tmp_path / "killed/checkpoints/step-2/COMPLETE")
     run_deepspeed("launch/train.py", *launch_args(recipe, tmp_path, "killed"), "--resume=auto")
     resumed = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
